@@ -1,0 +1,122 @@
+"""Command-line entry points: msmoe-train, msmoe-eval, msmoe-bench.
+
+User mistakes (bad config, missing data, unusable checkpoint) end with one line on stderr
+and exit code 2, never a traceback. A run stopped by a NaN/Inf loss exits with code 3.
+Also runnable as `python -m msmoe_dist.cli {train,eval,bench} ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+
+
+def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
+    msg = " ".join(str(exc).split())  # guarantee one line
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from msmoe_dist.config.loader import ConfigError
+    from msmoe_dist.data.errors import DataError
+    from msmoe_dist.train.checkpoint import CheckpointError
+    from msmoe_dist.train.trainer import TrainError
+
+    return ConfigError, DataError, CheckpointError, TrainError
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    from msmoe_dist.config.loader import config_help_text
+
+    parser = argparse.ArgumentParser(
+        prog="msmoe-train",
+        description="Train a (momentum) sparse mixture-of-experts language model. Values come from the "
+        "defaults, then the YAML file, then key=value overrides (highest precedence).",
+        epilog="configuration keys (section.key=value):\n\n" + config_help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file with values for the configuration tree")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-overrides, e.g. model.num_layers=4")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = build_train_parser().parse_args(argv)
+    from msmoe_dist.config.loader import ConfigError, config_to_dict, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        sys.exit(_fail("msmoe-train", exc))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from msmoe_dist.train.trainer import NonFiniteLoss, run
+
+    try:
+        summary = run(cfg)
+    except _user_errors() as exc:
+        sys.exit(_fail("msmoe-train", exc))
+    except NonFiniteLoss as exc:
+        sys.exit(_fail("msmoe-train", exc, EXIT_NONFINITE))
+    print(
+        f"done: train loss {summary.get('train_loss', float('nan')):.4f}, valid ppl {summary['val_ppl']:.2f}\n"
+        f"  run directory: {summary['run_dir']}\n  metrics:       {summary['metrics']}\n"
+        f"  tensorboard:   {summary['tensorboard']}  (view: tensorboard --logdir {summary['tensorboard']})\n"
+        f"  checkpoint:    {summary['checkpoint']}  (evaluate: msmoe-eval --checkpoint {summary['run_dir']})"
+    )
+    return 0
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msmoe-eval",
+        description="Evaluate a checkpoint: perplexity over the full validation and test token streams. "
+        "Prints one JSON line; `ppl` is the validation perplexity.",
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="run directory, its checkpoints/ directory, or one step_* checkpoint directory")
+    parser.add_argument("--splits", default="valid,test", help="comma-separated splits to score (default valid,test)")
+    parser.add_argument("--data-path", metavar="DIR", help="read the corpus from DIR instead of the checkpoint's data.path")
+    parser.add_argument("--batches", type=int, default=0, help="score at most N batches per split (0 = the whole stream)")
+    parser.add_argument("--batch-size", type=int, default=0, help="sequences per batch (0 = the checkpoint's data.batch_size)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device to evaluate on")
+    return parser
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    args = build_eval_parser().parse_args(argv)
+    from msmoe_dist.eval.checkpoint_eval import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args)
+    except _user_errors() as exc:
+        sys.exit(_fail("msmoe-eval", exc))
+    print(json.dumps(result))
+    return 0
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    from msmoe_dist.bench.cli import bench_main as _bench
+
+    return _bench(argv)
+
+
+def main() -> None:
+    commands = {"train": train_main, "eval": eval_main, "bench": bench_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print("usage: python -m msmoe_dist.cli {train,eval,bench} [args...]", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(commands[sys.argv[1]](sys.argv[2:]))
+
+
+if __name__ == "__main__":
+    main()

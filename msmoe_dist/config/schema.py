@@ -1,0 +1,179 @@
+"""The typed configuration tree of msmoe_dist.
+
+Nested dataclasses are the schema; YAML files only hold values for it; the command line
+overrides single leaves with ``section.key=value``.  Precedence: defaults < YAML < CLI.
+Every field documents itself through ``metadata["help"]`` so that ``msmoe-train --help``
+is the manual.  Cross-field checks live in ``validate.py`` and nowhere else.
+
+Each component receives only its own sub-config (the MoE layer gets ``MoEConfig``, the
+momentum code ``MomentumConfig``, ...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None):
+    """A dataclass field with its documentation (and allowed values) attached."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = opt(0, "Vocabulary size; 0 takes it from the data's vocabulary.")
+    num_layers: int = opt(4, "Number of transformer blocks (attention + FFN/MoE each).")
+    d_model: int = opt(128, "Hidden size of the residual stream.")
+    num_heads: int = opt(4, "Attention heads; must divide d_model.")
+    ffn_dim: int = opt(512, "Inner size of the dense FFN in dense (non-MoE) blocks of the GLaM layout.")
+    max_seq_len: int = opt(256, "Largest sequence length the position table supports.")
+    dropout: float = opt(0.0, "Dropout on attention output, FFN/MoE output and embeddings, in [0, 1).")
+    block_style: str = opt(
+        "pre_ln",
+        "pre_ln: x + f(LN(x)) blocks. reference: the MomentumSMoE reference's post-LN block, "
+        "h = LN2(h + LN(h + gamma*p)) with the double LayerNorm, to reproduce paper numbers.",
+        ("pre_ln", "reference"),
+    )
+    layout: str = opt(
+        "switch",
+        "switch: an MoE layer in every block. glam: MoE blocks alternate with dense FFN blocks "
+        "(block 0 MoE, block 1 dense, ...); dense blocks pass the momentum state through unchanged.",
+        ("switch", "glam"),
+    )
+    position: str = opt("learned", "Position encoding.", ("learned", "rotary"))
+    tie_embeddings: bool = opt(True, "Share the token embedding with the output projection.")
+    init_std: float = opt(0.02, "Std of the normal init of linear and embedding weights.")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = opt(8, "Experts per MoE layer (total, across all expert-parallel ranks).")
+    top_k: int = opt(2, "Experts each token is routed to; 1 <= top_k <= num_experts.")
+    expert_ffn_dim: int = opt(512, "Inner size of each expert FFN (d_model -> expert_ffn_dim -> d_model).")
+    activation: str = opt("relu", "Expert FFN activation (the reference uses relu).", ("relu", "gelu", "silu"))
+    gate: str = opt(
+        "topk_softmax",
+        "topk_softmax: take the top-k logits, softmax over those k (the MomentumSMoE reference gate). "
+        "softmax_topk: softmax over all experts, then top-k (GShard/Switch).",
+        ("topk_softmax", "softmax_topk"),
+    )
+    renormalize: bool = opt(False, "softmax_topk only: rescale the k selected probabilities to sum to 1.")
+    noisy_gating: bool = opt(False, "Add Gaussian noise (std noise_std / num_experts) to logits in training.")
+    noise_std: float = opt(1.0, "Scale of the gating noise when noisy_gating is on; > 0.")
+    balance_loss_coef: float = opt(
+        0.0, "Switch auxiliary load-balancing loss coefficient; 0 disables it (what the reference runs used)."
+    )
+    z_loss_coef: float = opt(0.0, "Router z-loss coefficient (ST-MoE); 0 disables it.")
+    capacity_factor: float = opt(
+        0.0,
+        "0 = dropless. >0: each expert takes at most ceil(capacity_factor * tokens * top_k / num_experts) "
+        "assignments; the overflow is dropped, contributes nothing, and is counted.",
+    )
+    expert_impl: str = opt(
+        "grouped",
+        "grouped: sort tokens by expert and run the experts as one grouped GEMM (fast). "
+        "loop: per-expert Python loop over masks (slow reference kept for tests).",
+        ("grouped", "loop"),
+    )
+
+
+@dataclass
+class MomentumConfig:
+    kind: str = opt(
+        "none",
+        "Residual update across MoE layers. none: x += u. heavy_ball: p = u + mu*p; x += gamma*p. "
+        "adam: Adam-normalised step at the first adam_layers MoE layers, heavy-ball after (AdamSMoE). "
+        "robust: robust momentum (Cyrus et al. 2018) from rho and kappa, experts see a look-ahead point.",
+        ("none", "heavy_ball", "adam", "robust"),
+    )
+    mu: float = opt(0.7, "Heavy-ball momentum coefficient, in [0, 1).")
+    gamma: float = opt(1.0, "Heavy-ball step size, > 0.")
+    learnable: str = opt(
+        "none", "Make mu and gamma trainable: one scalar pair, or one pair per MoE layer.", ("none", "scalar", "per_layer")
+    )
+    beta1: float = opt(0.9, "AdamSMoE first-moment decay, in [0, 1).")
+    beta2: float = opt(0.999, "AdamSMoE second-moment decay, in [0, 1).")
+    eps: float = opt(1e-8, "AdamSMoE epsilon, added inside the square root as the reference does.")
+    adam_gamma: float = opt(1.0, "AdamSMoE step size of the Adam layers (the reference's gamma1).")
+    adam_layers: int = opt(1, "AdamSMoE: how many leading MoE layers take the Adam step (reference: 1); >= 1 and, "
+        "when kind=adam, at most the number of MoE layers.")
+    rho: float = opt(0.2, "Robust momentum convergence-rate parameter rho, in (0, 1).")
+    kappa: float = opt(1.25, "Robust momentum condition-number parameter kappa, > 1.")
+
+
+@dataclass
+class DataConfig:
+    kind: str = opt(
+        "synthetic",
+        "synthetic: a learnable corpus the project generates itself into data.path. "
+        "text: an existing directory with train/valid/test text in WikiText format.",
+        ("synthetic", "text"),
+    )
+    path: str = opt("data_cache/synthetic", "Directory of the corpus (train.txt, valid.txt, test.txt or wiki.*.tokens).")
+    seq_len: int = opt(128, "Tokens per training/eval window; must be <= model.max_seq_len.")
+    batch_size: int = opt(16, "Sequences per optimiser step (per data-parallel rank).")
+    synthetic_lines: int = opt(20000, "synthetic only: number of generated training lines.")
+    synthetic_seed: int = opt(1234, "synthetic only: seed of the corpus generator.")
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "Optimiser.", ("adam", "adamw", "sgd"))
+    lr: float = opt(1e-3, "Peak learning rate, > 0.")
+    beta1: float = opt(0.9, "Adam beta1, in [0, 1).")
+    beta2: float = opt(0.999, "Adam beta2, in [0, 1).")
+    eps: float = opt(1e-8, "Adam epsilon, > 0.")
+    weight_decay: float = opt(0.0, "Weight decay (not applied to norms, biases, embeddings or momentum scalars).")
+    warmup_steps: int = opt(0, "Linear warm-up steps from 0 to lr.")
+    schedule: str = opt("constant", "LR after warm-up.", ("constant", "cosine", "linear"))
+    min_lr_ratio: float = opt(0.1, "cosine/linear: final lr as a fraction of the peak, in [0, 1].")
+    grad_clip: float = opt(0.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = opt("runs/default", "Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/.")
+    max_steps: int = opt(1000, "Optimiser steps to train for.")
+    seed: int = opt(0, "Seed of model init, data order and dropout.")
+    resume: bool = opt(False, "Continue from the latest checkpoint in run_dir.")
+    device: str = opt("auto", "auto picks cuda when available, else cpu.", ("auto", "cpu", "cuda"))
+    dtype: str = opt("fp32", "Compute precision (bf16 = autocast; weights stay fp32).", ("fp32", "bf16"))
+    eval_every: int = opt(0, "Evaluate validation perplexity every N steps; 0 = only at the end.")
+    eval_batches: int = opt(20, "Batches per evaluation; 0 = the whole validation stream.")
+    progress: bool = opt(True, "Show a progress bar (loss, tokens/s, ETA).")
+    overwrite: bool = opt(False, "Allow starting a fresh run in a run_dir that already holds checkpoints.")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = opt(0, "Save a checkpoint every N steps; 0 = only at the end.")
+    keep_last: int = opt(2, "How many most recent checkpoints to keep; >= 1.")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = opt(10, "Write metrics.jsonl / TensorBoard scalars every N steps.")
+    tensorboard: bool = opt(True, "Write TensorBoard event files under run_dir/tensorboard.")
+    moe_stats: bool = opt(True, "Log per-layer MoE statistics (imbalance, drops, entropy, momentum norms).")
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = opt(1, "Expert-parallel degree: experts are sharded over groups of ep_size ranks.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -1,0 +1,174 @@
+"""Every range and cross-field check of the configuration, in one function.
+
+:func:`validate` raises a one-line :class:`~msmoe_dist.config.loader.ConfigError` for the first
+problem it finds, naming the key(s), where their values came from (when ``sources`` is given),
+what was expected and what was got.  Checks that depend on the machine (is CUDA there, does
+``parallel.ep_size`` divide the world size) are runtime checks and do not belong here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from msmoe_dist.config.loader import ConfigError, all_keys, check_value, key_error, show
+from msmoe_dist.config.schema import Config
+
+__all__ = ["validate", "ConfigError", "num_moe_layers"]
+
+
+def num_moe_layers(num_layers: int, layout: str) -> int:
+    """MoE blocks in the model: all of them for ``switch``; blocks 0, 2, 4, ... for ``glam``."""
+    return math.ceil(num_layers / 2) if layout == "glam" else num_layers
+
+
+def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError unless every value of ``cfg`` is in range and consistent with the others.
+
+    ``sources`` maps ``section.key`` to where the value came from (a file path, ``command line``
+    or ``default``); messages name it when given.
+    """
+
+    def get(key: str) -> Any:
+        section, leaf = key.split(".")
+        return getattr(getattr(cfg, section), leaf)
+
+    def fail(keys: str | list[str], detail: str) -> None:
+        raise key_error(keys, detail, sources)
+
+    def kind_word(key: str) -> str:
+        return "integer" if type(get(key)) is int else "number"
+
+    # Types and choices first, so that the comparisons below are meaningful even for a Config
+    # built in code rather than by the loader.
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a Config, got {type(cfg).__name__}")
+    for key in all_keys():
+        section, leaf = key.split(".")
+        check_value(section, leaf, get(key), sources)
+
+    # Range helpers; written as "not (ok)" so that NaN fails too.
+    def positive(key: str) -> None:
+        if not get(key) > 0:
+            fail(key, f"expected a positive {kind_word(key)}, got {show(get(key))}")
+
+    def non_negative(key: str, note: str = "") -> None:
+        if not get(key) >= 0:
+            fail(key, f"expected a non-negative {kind_word(key)}{note}, got {show(get(key))}")
+
+    def at_least(key: str, low: int) -> None:
+        if not get(key) >= low:
+            fail(key, f"expected an integer >= {low}, got {show(get(key))}")
+
+    def in_range(key: str, low: float, high: float, low_closed: bool = True, high_closed: bool = False) -> None:
+        v = get(key)
+        ok = (v >= low if low_closed else v > low) and (v <= high if high_closed else v < high)
+        if not ok:
+            interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+            fail(key, f"expected a value in {interval}, got {show(v)}")
+
+    def non_empty(key: str) -> None:
+        if not get(key).strip():
+            fail(key, f"expected a non-empty string, got {show(get(key))}")
+
+    # ---- model
+    for key in ("model.num_layers", "model.d_model", "model.num_heads", "model.ffn_dim", "model.max_seq_len"):
+        positive(key)
+    non_negative("model.vocab_size", " (0 = take it from the data)")
+    d_model, heads = get("model.d_model"), get("model.num_heads")
+    if d_model % heads != 0:
+        fail(["model.d_model", "model.num_heads"], f"model.d_model={d_model} must be divisible by model.num_heads={heads}")
+    if get("model.position") == "rotary" and (d_model // heads) % 2 != 0:
+        fail(
+            ["model.position", "model.d_model", "model.num_heads"],
+            f"model.position=rotary needs an even head dimension, got model.d_model/model.num_heads = "
+            f"{d_model}/{heads} = {d_model // heads}",
+        )
+    in_range("model.dropout", 0, 1)
+    positive("model.init_std")
+
+    # ---- moe
+    at_least("moe.num_experts", 1)
+    top_k, experts = get("moe.top_k"), get("moe.num_experts")
+    if top_k < 1:
+        fail("moe.top_k", f"expected an integer >= 1, got {show(top_k)}")
+    if top_k > experts:
+        fail(["moe.top_k", "moe.num_experts"], f"moe.top_k={top_k} must be <= moe.num_experts={experts}")
+    positive("moe.expert_ffn_dim")
+    non_negative("moe.capacity_factor", " (0 = dropless)")
+    positive("moe.noise_std")
+    non_negative("moe.balance_loss_coef")
+    non_negative("moe.z_loss_coef")
+    if get("moe.renormalize") and get("moe.gate") != "softmax_topk":
+        fail(
+            ["moe.renormalize", "moe.gate"],
+            f"moe.renormalize=true needs moe.gate=softmax_topk, got moe.gate={get('moe.gate')} "
+            "(whose top-k weights already sum to 1)",
+        )
+
+    # ---- momentum
+    in_range("momentum.mu", 0, 1)
+    positive("momentum.gamma")
+    in_range("momentum.beta1", 0, 1)
+    in_range("momentum.beta2", 0, 1)
+    positive("momentum.eps")
+    positive("momentum.adam_gamma")
+    at_least("momentum.adam_layers", 1)
+    if get("momentum.kind") == "adam":
+        n_moe = num_moe_layers(get("model.num_layers"), get("model.layout"))
+        if get("momentum.adam_layers") > n_moe:
+            fail(
+                ["momentum.adam_layers", "model.num_layers", "model.layout"],
+                f"momentum.adam_layers={get('momentum.adam_layers')} must be <= the number of MoE layers "
+                f"({n_moe} with model.num_layers={get('model.num_layers')}, model.layout={get('model.layout')}) "
+                "when momentum.kind=adam",
+            )
+    in_range("momentum.rho", 0, 1, low_closed=False)
+    if not get("momentum.kappa") > 1:
+        fail("momentum.kappa", f"expected a value > 1, got {show(get('momentum.kappa'))}")
+    if get("momentum.learnable") != "none" and get("momentum.kind") == "none":
+        fail(
+            ["momentum.learnable", "momentum.kind"],
+            f"momentum.learnable={get('momentum.learnable')} needs a momentum method, got momentum.kind=none "
+            "(use heavy_ball, adam or robust)",
+        )
+
+    # ---- data
+    positive("data.seq_len")
+    if get("data.seq_len") > get("model.max_seq_len"):
+        fail(
+            ["data.seq_len", "model.max_seq_len"],
+            f"data.seq_len={get('data.seq_len')} must be <= model.max_seq_len={get('model.max_seq_len')}",
+        )
+    positive("data.batch_size")
+    positive("data.synthetic_lines")
+    non_empty("data.path")
+
+    # ---- optim
+    positive("optim.lr")
+    in_range("optim.beta1", 0, 1)
+    in_range("optim.beta2", 0, 1)
+    positive("optim.eps")
+    non_negative("optim.weight_decay")
+    non_negative("optim.warmup_steps")
+    in_range("optim.min_lr_ratio", 0, 1, high_closed=True)
+    non_negative("optim.grad_clip", " (0 = no clipping)")
+
+    # ---- train (train.device=cuda without a GPU is a runtime error, not a config error)
+    non_empty("train.run_dir")
+    positive("train.max_steps")
+    non_negative("train.eval_every", " (0 = only at the end)")
+    non_negative("train.eval_batches", " (0 = the whole validation stream)")
+
+    # ---- checkpoint, logging
+    non_negative("checkpoint.every_steps", " (0 = only at the end)")
+    at_least("checkpoint.keep_last", 1)
+    positive("logging.log_every")
+
+    # ---- parallel
+    at_least("parallel.ep_size", 1)
+    if experts % get("parallel.ep_size") != 0:
+        fail(
+            ["moe.num_experts", "parallel.ep_size"],
+            f"moe.num_experts={experts} must be divisible by parallel.ep_size={get('parallel.ep_size')}",
+        )

@@ -1,0 +1,3 @@
+"""Evaluation: perplexity of language models."""
+
+from msmoe_dist.eval.evaluate import autocast_ctx, evaluate_lm  # noqa: F401

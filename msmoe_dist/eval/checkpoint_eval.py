@@ -1,0 +1,45 @@
+"""msmoe-eval's work: rebuild the model saved in a checkpoint and score the corpus splits."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from msmoe_dist.config.loader import config_from_dict
+from msmoe_dist.data import load_corpus
+from msmoe_dist.eval.evaluate import evaluate_lm
+from msmoe_dist.train.checkpoint import CheckpointError, load_state, resolve_checkpoint
+from msmoe_dist.train.trainer import build_model, pick_device
+
+SPLITS = ("valid", "test")
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise CheckpointError(f"--splits {args.splits!r}: expected a comma-separated subset of {','.join(SPLITS)}")
+    step_dir = resolve_checkpoint(args.checkpoint)
+    saved = load_state(step_dir)
+    cfg = config_from_dict(saved["config"], source=str(step_dir / "state.pt"))
+    if args.data_path:
+        cfg.data.path = args.data_path
+    corpus = load_corpus(cfg.data, splits=tuple(splits))
+    if corpus.vocab.sha256() != saved["vocab_sha256"]:
+        raise CheckpointError(
+            f"the vocabulary built from {cfg.data.path} differs from the one the checkpoint was trained with "
+            "(expected the same training split; pass --data-path to the original corpus)"
+        )
+    device = pick_device(args.device)
+    model = build_model(cfg, saved["vocab_size"]).to(device)
+    model.load_state_dict(saved["model"])
+    batch_size = args.batch_size or cfg.data.batch_size
+    result = {"checkpoint": str(step_dir), "step": saved["step"]}
+    t0 = time.perf_counter()
+    for split in splits:
+        ev = evaluate_lm(model, getattr(corpus, split), batch_size, cfg.data.seq_len, args.batches, device,
+                         cfg.train.dtype)
+        result.update({f"{split}_ppl": ev["ppl"], f"{split}_loss": ev["loss"], f"{split}_tokens": ev["tokens"]})
+    result["ppl"] = result.get("valid_ppl", result.get(f"{splits[0]}_ppl"))
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result

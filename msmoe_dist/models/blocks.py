@@ -1,0 +1,84 @@
+"""Transformer blocks with an MoE (momentum) or dense FFN sublayer.
+
+Two block styles:
+  pre_ln     x = x + drop(attn(LN1(x)));  MoE: y = lookahead(x); u = drop(moe(LN2(y)));  x = x + d(u)
+  reference  the MomentumSMoE reference's post-LN block with its double LayerNorm:
+             h = LN1(h + drop(attn(h)));  u = drop(moe(y));  h = LN2(h + LNm(h + d(u)))
+             At AdamSMoE's Adam layers the reference's sublayer computes `inp - (step + inp)`,
+             so its inner LayerNorm sees the step alone: h = LN2(h + LNm(d(u))). Reproduced as is.
+d(u) is the momentum family's residual increment (msmoe_dist.momentum). Dense blocks (GLaM
+layout) pass the momentum state through unchanged.
+
+Legend: B batch, S sequence, D model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from msmoe_dist.config.schema import ModelConfig, MoEConfig
+from msmoe_dist.models.attention import CausalSelfAttention
+from msmoe_dist.moe import MoELayer
+from msmoe_dist.momentum import MomentumState, MomentumUpdate
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_index: int | None, dispatcher=None):
+        super().__init__()
+        d = mcfg.d_model
+        self.pre_ln = mcfg.block_style == "pre_ln"
+        self.moe_index = moe_index
+        self.attn = CausalSelfAttention(d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary")
+        self.norm1 = nn.LayerNorm(d)
+        self.norm2 = nn.LayerNorm(d)
+        self.drop = nn.Dropout(mcfg.dropout)
+        if moe_index is None:
+            self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout)
+        else:
+            self.moe = MoELayer(d, moe_cfg, dispatcher=dispatcher, init_std=mcfg.init_std)
+            if not self.pre_ln:
+                self.moe_norm = nn.LayerNorm(d)  # the reference's inner LayerNorm
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_index is not None
+
+    def forward(self, x: Tensor, state: MomentumState, momentum: MomentumUpdate, collect_stats: bool = False):
+        """Returns (x, state, aux_loss or None, stats dict or None)."""
+        if self.pre_ln:
+            x = x + self.drop(self.attn(self.norm1(x)))
+        else:
+            x = self.norm1(x + self.drop(self.attn(x)))
+        if not self.is_moe:
+            if self.pre_ln:
+                return x + self.drop(self.ffn(self.norm2(x))), state, None, None
+            return self.norm2(x + self.drop(self.ffn(x))), state, None, None
+
+        y = momentum.lookahead(x, state)
+        moe_out = self.moe(self.norm2(y) if self.pre_ln else y, collect_stats=collect_stats)
+        u = self.drop(moe_out.out)
+        d, state = momentum(u, state, self.moe_index)
+        if self.pre_ln:
+            x = x + d
+        elif momentum.is_adam_layer(self.moe_index):
+            x = self.norm2(x + self.moe_norm(d))
+        else:
+            x = self.norm2(x + self.moe_norm(x + d))
+        stats = None
+        if collect_stats:
+            stats = {"moe": moe_out.stats}
+            if state.p is not None:
+                stats["momentum_norm"] = float(state.p.detach().float().norm(dim=-1).mean())
+        return x, state, moe_out.aux_loss, stats

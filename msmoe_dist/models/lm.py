@@ -1,0 +1,103 @@
+"""Decoder-only language model whose FFN sublayers are (momentum) MoE layers.
+
+Legend: B batch, S sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
+from msmoe_dist.models.blocks import Block
+from msmoe_dist.momentum import MomentumState, MomentumUpdate
+
+
+def moe_block_indices(num_layers: int, layout: str) -> list[int]:
+    """Which blocks hold an MoE layer: all (Switch) or 0, 2, 4, ... (GLaM)."""
+    return list(range(num_layers)) if layout == "switch" else list(range(0, num_layers, 2))
+
+
+@dataclass(frozen=True)
+class LMOutput:
+    loss: Tensor | None  # mean token cross-entropy (None without targets)
+    aux_loss: Tensor  # sum of the MoE layers' weighted balance/z losses
+    logits: Tensor | None  # [B, S, V] only when asked for
+    stats: list[dict] | None  # per MoE layer, when collect_stats
+
+
+class MoELanguageModel(nn.Module):
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        mom_cfg: MomentumConfig,
+        vocab_size: int,
+        dispatcher=None,
+    ):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.max_seq_len = mcfg.max_seq_len
+        d = mcfg.d_model
+        self.tok_emb = nn.Embedding(vocab_size, d)
+        self.pos_emb = nn.Embedding(mcfg.max_seq_len, d) if mcfg.position == "learned" else None
+        self.emb_drop = nn.Dropout(mcfg.dropout)
+        moe_blocks = set(moe_block_indices(mcfg.num_layers, mcfg.layout))
+        blocks, n_moe = [], 0
+        for i in range(mcfg.num_layers):
+            idx = None
+            if i in moe_blocks:
+                idx, n_moe = n_moe, n_moe + 1
+            blocks.append(Block(mcfg, moe_cfg, idx, dispatcher=dispatcher))
+        self.blocks = nn.ModuleList(blocks)
+        self.momentum = MomentumUpdate(mom_cfg, n_moe)
+        # The reference's post-LN blocks end normalised; pre-LN needs a final LayerNorm.
+        self.final_norm = nn.LayerNorm(d) if mcfg.block_style == "pre_ln" else nn.Identity()
+        self.head = nn.Linear(d, vocab_size, bias=False)
+        self._init_weights(mcfg.init_std)
+        if mcfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def _init_weights(self, std: float) -> None:
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, std=std)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.momentum.num_moe_layers
+
+    def forward(
+        self,
+        idx_BS: Tensor,
+        targets_BS: Tensor | None = None,
+        collect_stats: bool = False,
+        return_logits: bool = False,
+        reduction: str = "mean",
+    ) -> LMOutput:
+        B, S = idx_BS.shape
+        if S > self.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.max_seq_len}")
+        x = self.tok_emb(idx_BS)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(S, device=idx_BS.device))
+        x = self.emb_drop(x)
+        state = MomentumState()  # fresh for every forward pass: momentum belongs to the tokens
+        aux = x.new_zeros((), dtype=torch.float32)
+        stats = [] if collect_stats else None
+        for block in self.blocks:
+            x, state, layer_aux, layer_stats = block(x, state, self.momentum, collect_stats)
+            if layer_aux is not None:
+                aux = aux + layer_aux
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        logits = self.head(self.final_norm(x))
+        loss = None
+        if targets_BS is not None:
+            loss = F.cross_entropy(logits.float().view(-1, self.vocab_size), targets_BS.reshape(-1), reduction=reduction)
+        return LMOutput(loss=loss, aux_loss=aux, logits=logits if return_logits else None, stats=stats)

@@ -1,0 +1,1 @@
+"""msmoe_dist.moe"""

@@ -1,0 +1,213 @@
+"""A bank of expert FFNs, y = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e], run on expert-sorted rows.
+
+Legend: R routed rows (sorted by expert, contiguous per expert), D model dim, F ffn dim,
+E experts held by this module (the local experts of one rank under expert parallelism).
+  x_RD / y_RD   rows in and out      h_RF   hidden pre-activation   a_RF   after activation
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def _act_backward(activation: str, grad_a: Tensor, saved: Tensor) -> Tensor:
+    # relu saves its output (so one [R, F] buffer serves forward and backward); the others
+    # need the pre-activation.
+    if activation == "relu":
+        return grad_a.masked_fill_(saved <= 0, 0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_a, saved)
+    return torch.ops.aten.silu_backward(grad_a, saved)
+
+
+def _bounds(counts: Sequence[int]):
+    start = 0
+    for e, n in enumerate(counts):
+        yield e, start, start + n
+        start += n
+
+
+class _SplitFFN(torch.autograd.Function):
+    """The whole FFN over expert-contiguous row chunks as one autograd node.
+
+    Plain autograd over a Python loop would store per-chunk views, concatenate the chunk
+    outputs and later scatter their gradients back into full tensors: two extra [R, F]
+    and [R, D] copies each way.  Here every chunk GEMM writes straight into its slice of one
+    preallocated buffer (bias fused through addmm), and the backward does the same.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD, w1, b1, w2, b2, counts, activation):
+        R, D = x_RD.shape
+        F_ = w1.shape[2]
+        x_RD = x_RD.contiguous()
+        h_RF = x_RD.new_empty(R, F_)
+        y_RD = x_RD.new_empty(R, D)
+        for e, s, t in _bounds(counts):
+            if t > s:
+                torch.addmm(b1[e], x_RD[s:t], w1[e], out=h_RF[s:t])
+        if activation == "relu":
+            a_RF = h_RF.relu_()
+            saved = a_RF
+        else:
+            a_RF = ACTIVATIONS[activation](h_RF)
+            saved = h_RF
+        for e, s, t in _bounds(counts):
+            if t > s:
+                torch.addmm(b2[e], a_RF[s:t], w2[e], out=y_RD[s:t])
+        ctx.counts = counts
+        ctx.activation = activation
+        ctx.save_for_backward(x_RD, w1, w2, saved, a_RF)
+        return y_RD
+
+    @staticmethod
+    def backward(ctx, grad_y_RD):
+        x_RD, w1, w2, saved, a_RF = ctx.saved_tensors
+        counts, activation = ctx.counts, ctx.activation
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_y_RD = grad_y_RD.contiguous()
+        E, D, F_ = w1.shape
+        R = x_RD.shape[0]
+        # Experts that received no rows get exact zeros, like the reference loop's gradients.
+        empty = [e for e, n in enumerate(counts) if n == 0]
+        alloc = torch.zeros if empty else torch.empty
+        gw1 = alloc(E, D, F_, dtype=w1.dtype, device=w1.device) if need_w1 else None
+        gb1 = alloc(E, F_, dtype=w1.dtype, device=w1.device) if need_b1 else None
+        gw2 = alloc(E, F_, D, dtype=w2.dtype, device=w2.device) if need_w2 else None
+        gb2 = alloc(E, D, dtype=w2.dtype, device=w2.device) if need_b2 else None
+        gx = x_RD.new_empty(R, D) if need_x else None
+        grad_a_RF = a_RF.new_empty(R, F_)
+        for e, s, t in _bounds(counts):
+            if t == s:
+                continue
+            g = grad_y_RD[s:t]
+            if need_w2:
+                torch.mm(a_RF[s:t].t(), g, out=gw2[e])
+            if need_b2:
+                torch.sum(g, dim=0, out=gb2[e])
+            torch.mm(g, w2[e].t(), out=grad_a_RF[s:t])
+        grad_h_RF = _act_backward(activation, grad_a_RF, saved)
+        for e, s, t in _bounds(counts):
+            if t == s:
+                continue
+            g = grad_h_RF[s:t]
+            if need_w1:
+                torch.mm(x_RD[s:t].t(), g, out=gw1[e])
+            if need_b1:
+                torch.sum(g, dim=0, out=gb1[e])
+            if need_x:
+                torch.mm(g, w1[e].t(), out=gx[s:t])
+        return gx, gw1, gb1, gw2, gb2, None, None
+
+
+_GROUPED_MM_OK: dict[tuple, bool] = {}
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype, d_model: int, ffn_dim: int) -> bool:
+    """Probe torch._grouped_mm once per (device type, dtype, shape) against a plain matmul.
+
+    Its support varies by torch version, device, dtype and alignment; a failing probe just
+    means the split path is used.
+    """
+    key = (device.type, dtype, d_model, ffn_dim)
+    if key not in _GROUPED_MM_OK:
+        ok = False
+        if hasattr(torch, "_grouped_mm"):
+            try:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(24, d_model, generator=g).to(device, dtype).requires_grad_()
+                w = torch.randn(3, d_model, ffn_dim, generator=g).to(device, dtype).requires_grad_()
+                offs = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)  # middle group empty
+                y = torch._grouped_mm(x, w, offs=offs)
+                y.backward(torch.ones_like(y))
+                ref = torch.cat([x[:8] @ w[0], x[8:] @ w[2]])
+                tol = 1e-2 * math.sqrt(d_model) if dtype != torch.float32 else 1e-3
+                ok = torch.allclose(y.float(), ref.float(), atol=tol, rtol=1e-2) and bool(
+                    (w.grad[1] == 0).all()
+                )
+            except Exception:  # noqa: BLE001 - any failure means "not usable here"
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+def _prefer_grouped_mm(device: torch.device) -> bool:
+    # On CPU, torch._grouped_mm loops over the groups itself and its autograd adds a
+    # separate bias pass, so the fused split path was faster there (see bench/layer.py);
+    # on CUDA the single grouped kernel wins.
+    return device.type == "cuda"
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, ffn_dim: int, activation: str, init_std: float = 0.02):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
+        self.num_experts = num_experts
+        self.d_model = d_model
+        self.ffn_dim = ffn_dim
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim))
+        self.b1 = nn.Parameter(torch.empty(num_experts, ffn_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, init_std: float = 0.02) -> None:
+        nn.init.normal_(self.w1, std=init_std)
+        nn.init.normal_(self.w2, std=init_std)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+
+    def _weights(self, x_RD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Input and weights in the compute dtype (autocast's, if active); casts stay on the tape."""
+        dtype = x_RD.dtype
+        if torch.is_autocast_enabled(x_RD.device.type):
+            dtype = torch.get_autocast_dtype(x_RD.device.type)
+        return tuple(t.to(dtype) for t in (x_RD, self.w1, self.b1, self.w2, self.b2))
+
+    def _check(self, x_RD: Tensor, tokens_per_expert: Sequence[int]) -> tuple[int, ...]:
+        counts = tuple(int(n) for n in tokens_per_expert)
+        if len(counts) != self.num_experts or sum(counts) != x_RD.shape[0]:
+            raise ValueError(
+                f"tokens_per_expert {counts} does not describe {x_RD.shape[0]} rows over {self.num_experts} experts"
+            )
+        return counts
+
+    def forward(self, x_RD: Tensor, tokens_per_expert: Sequence[int]) -> Tensor:
+        counts = self._check(x_RD, tokens_per_expert)
+        with torch.autocast(device_type=x_RD.device.type, enabled=False):
+            x, w1, b1, w2, b2 = self._weights(x_RD)
+            if _prefer_grouped_mm(x.device) and grouped_mm_works(x.device, x.dtype, self.d_model, self.ffn_dim):
+                return self._forward_grouped_mm(x, w1, b1, w2, b2, counts)
+            return _SplitFFN.apply(x, w1, b1, w2, b2, counts, self.activation)
+
+    def _forward_grouped_mm(self, x, w1, b1, w2, b2, counts: tuple[int, ...]) -> Tensor:
+        counts_E = torch.tensor(counts, device=x.device)
+        offs = counts_E.cumsum(0).to(torch.int32)
+        # Per-row biases: a gather of E bias rows, cheap next to the GEMMs.
+        expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E)
+        h = torch._grouped_mm(x, w1, offs=offs) + b1[expert_R]
+        a = ACTIVATIONS[self.activation](h)
+        return torch._grouped_mm(a, w2, offs=offs) + b2[expert_R]
+
+    def forward_loop(self, x_RD: Tensor, tokens_per_expert: Sequence[int]) -> Tensor:
+        """Obviously-correct reference: one plain matmul chain per expert, autograd does the rest."""
+        counts = self._check(x_RD, tokens_per_expert)
+        with torch.autocast(device_type=x_RD.device.type, enabled=False):
+            x, w1, b1, w2, b2 = self._weights(x_RD)
+            act = ACTIVATIONS[self.activation]
+            outs = []
+            for e, s, t in _bounds(counts):
+                if t > s:
+                    outs.append(act(x[s:t] @ w1[e] + b1[e]) @ w2[e] + b2[e])
+            if not outs:
+                return x.new_zeros(0, self.d_model)
+            return torch.cat(outs)

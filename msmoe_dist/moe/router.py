@@ -1,0 +1,119 @@
+"""Top-k token router with the Switch balance loss and the ST-MoE z-loss.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+  x_TD       router input           logits_TE / probs_TE   gate scores, always fp32
+  experts_TK chosen expert ids      weights_TK             their combine weights (fp32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msmoe_dist.config.schema import MoEConfig
+
+GATES = ("topk_softmax", "softmax_topk")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the router decided for one batch of tokens.
+
+    ``balance_loss`` and ``z_loss`` are the raw (unweighted) terms; a term whose coefficient
+    is 0 is not computed and reads as a zero tensor.  ``aux_loss`` is their weighted sum.
+    """
+
+    experts_TK: Tensor
+    weights_TK: Tensor
+    logits_TE: Tensor
+    probs_TE: Tensor
+    balance_loss: Tensor
+    z_loss: Tensor
+    aux_loss: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.experts_TK.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.experts_TK.shape[1]
+
+
+def switch_balance_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
+    """E * sum_e f_e * P_e (Switch Transformer eq. 4, generalised to top-k).
+
+    f_e (share of the T*K assignments that went to e) is a count and carries no gradient;
+    the gradient reaches the router only through P_e, the mean gate probability of e.
+    """
+    T, E = probs_TE.shape
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=E)
+    f_E = counts_E.to(probs_TE.dtype) / max(experts_TK.numel(), 1)
+    P_E = probs_TE.mean(dim=0)
+    return E * torch.dot(f_E, P_E)
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """Mean over tokens of logsumexp(logits)^2: keeps logits small so fp32 softmax stays exact."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        if cfg.gate not in GATES:
+            raise ValueError(f"unknown gate {cfg.gate!r}; expected one of {GATES}")
+        if not 1 <= cfg.top_k <= cfg.num_experts:
+            raise ValueError(f"top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.gate = cfg.gate
+        self.renormalize = cfg.renormalize
+        self.noisy_gating = cfg.noisy_gating
+        self.noise_std = cfg.noise_std
+        self.balance_loss_coef = cfg.balance_loss_coef
+        self.z_loss_coef = cfg.z_loss_coef
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        # Routing decisions flip on tiny logit differences, and bf16 has 8 mantissa bits:
+        # the gate always runs in fp32, whatever autocast says.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            if self.noisy_gating and self.training:
+                # V-MoE scale: the noise shrinks with E so that it perturbs rankings about
+                # equally however many experts compete.
+                logits_TE = logits_TE + torch.randn_like(logits_TE) * (self.noise_std / self.num_experts)
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            if self.gate == "topk_softmax":
+                top_logits_TK, experts_TK = logits_TE.topk(self.top_k, dim=-1)
+                weights_TK = torch.softmax(top_logits_TK, dim=-1)
+            else:
+                weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+                if self.renormalize:
+                    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+
+            zero = logits_TE.new_zeros(())
+            balance = switch_balance_loss(probs_TE, experts_TK) if self.balance_loss_coef else zero
+            z = router_z_loss(logits_TE) if self.z_loss_coef else zero
+            aux = zero
+            if self.balance_loss_coef:
+                aux = aux + self.balance_loss_coef * balance
+            if self.z_loss_coef:
+                aux = aux + self.z_loss_coef * z
+        return Routing(
+            experts_TK=experts_TK,
+            weights_TK=weights_TK,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+            balance_loss=balance,
+            z_loss=z,
+            aux_loss=aux,
+        )
