@@ -17,7 +17,9 @@ EXIT_NONFINITE = 3
 
 def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
     msg = " ".join(str(exc).split())  # guarantee one line
-    print(f"{prog}: error: {msg}", file=sys.stderr)
+    if " error: " not in f" {msg}"[:40]:
+        msg = f"error: {msg}"
+    print(f"{prog}: {msg}", file=sys.stderr)
     return code
 
 
@@ -37,7 +39,7 @@ def build_train_parser() -> argparse.ArgumentParser:
         prog="msmoe-train",
         description="Train a (momentum) sparse mixture-of-experts language model. Values come from the "
         "defaults, then the YAML file, then key=value overrides (highest precedence).",
-        epilog="configuration keys (section.key=value):\n\n" + config_help_text(),
+        epilog=config_help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file with values for the configuration tree")
@@ -48,16 +50,14 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = build_train_parser().parse_args(argv)
-    from msmoe_dist.config.loader import ConfigError, config_to_dict, load_config
+    from msmoe_dist.config.loader import ConfigError, config_to_yaml, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         sys.exit(_fail("msmoe-train", exc))
     if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        print(config_to_yaml(cfg), end="")
         return 0
     from msmoe_dist.train.trainer import NonFiniteLoss, run
 

@@ -12,3 +12,12 @@ from msmoe_dist.config.schema import (  # noqa: F401
     ParallelConfig,
     TrainConfig,
 )
+from msmoe_dist.config.loader import (  # noqa: F401,E402
+    ConfigError,
+    config_from_dict,
+    config_help_text,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from msmoe_dist.config.validate import validate  # noqa: F401,E402

@@ -110,7 +110,10 @@ class _Loader(yaml.SafeLoader):
                 try:
                     if key in seen:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark
+                            None,
+                            None,
+                            f"duplicate key {key!r} (first at line {seen[key].line + 1})",
+                            key_node.start_mark,
                         )
                     seen[key] = key_node.start_mark
                 except TypeError:  # unhashable key: SafeConstructor reports it
@@ -339,7 +342,8 @@ def _apply_override(layers: _Layers, item: str) -> None:
     try:
         value = _parse_yaml_text(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{key} ({COMMAND_LINE}): cannot parse value '{text}': {_yaml_error_text(err)}", [key]) from None
+        detail = _yaml_error_text(err)
+        raise ConfigError(f"{key} ({COMMAND_LINE}): cannot parse value '{text}': {detail}", [key]) from None
     layers.set(section, leaf, value, COMMAND_LINE, raw=text)
 
 

@@ -99,8 +99,11 @@ class MomentumConfig:
     beta2: float = opt(0.999, "AdamSMoE second-moment decay, in [0, 1).")
     eps: float = opt(1e-8, "AdamSMoE epsilon, added inside the square root as the reference does.")
     adam_gamma: float = opt(1.0, "AdamSMoE step size of the Adam layers (the reference's gamma1).")
-    adam_layers: int = opt(1, "AdamSMoE: how many leading MoE layers take the Adam step (reference: 1); >= 1 and, "
-        "when kind=adam, at most the number of MoE layers.")
+    adam_layers: int = opt(
+        1,
+        "AdamSMoE: how many leading MoE layers take the Adam step (reference: 1); >= 1 and, "
+        "when kind=adam, at most the number of MoE layers.",
+    )
     rho: float = opt(0.2, "Robust momentum convergence-rate parameter rho, in (0, 1).")
     kappa: float = opt(1.25, "Robust momentum condition-number parameter kappa, > 1.")
 

@@ -77,7 +77,10 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     non_negative("model.vocab_size", " (0 = take it from the data)")
     d_model, heads = get("model.d_model"), get("model.num_heads")
     if d_model % heads != 0:
-        fail(["model.d_model", "model.num_heads"], f"model.d_model={d_model} must be divisible by model.num_heads={heads}")
+        fail(
+            ["model.d_model", "model.num_heads"],
+            f"model.d_model={d_model} must be divisible by model.num_heads={heads}",
+        )
     if get("model.position") == "rotary" and (d_model // heads) % 2 != 0:
         fail(
             ["model.position", "model.d_model", "model.num_heads"],

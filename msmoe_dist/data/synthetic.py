@@ -29,8 +29,8 @@ GENERATOR_NAME = "msmoe_dist.data.synthetic"
 GENERATOR_VERSION = 1
 MANIFEST = "corpus.json"
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
-# Entries another part of the package may put into the directory; they do not make it "foreign".
-_OWN_EXTRA = (".msmoe_cache",)
+CACHE_DIR = ".msmoe_cache"  # corpus.py's encoded-tensor cache; its presence does not make a directory foreign
+_OWN_EXTRA = (CACHE_DIR,)
 _TMP_PREFIX = ".tmp-"
 
 _NAMES = ("Aldric Bertram Cedric Doran Edwyn Falko Gideon Halvar Isolde Jorund Kestrel Leofric Maren "
@@ -256,7 +256,8 @@ def generate_corpus(out_dir, num_train_lines: int, seed: int,
 
 
 def _is_own(name: str) -> bool:
-    return name in SPLIT_FILES.values() or name == MANIFEST or name in _OWN_EXTRA or name.startswith(_TMP_PREFIX)
+    # Without a manifest even train.txt is someone else's (a real corpus): only temp files and caches are ours.
+    return name in _OWN_EXTRA or name.startswith(_TMP_PREFIX)
 
 
 def _read_manifest(out: Path) -> dict | None:

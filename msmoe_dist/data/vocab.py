@@ -67,6 +67,11 @@ class Vocab:
         counts: Counter[str] = Counter()
         for stream in token_streams:
             counts.update(stream)
+        return cls.from_counts(counts)
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int]) -> Vocab:
+        """Tokens by count descending, ties by token; ``<unk>`` appended if the counts lack it."""
         tokens = sorted(counts, key=lambda t: (-counts[t], t))
         if UNK not in counts:
             tokens.append(UNK)
@@ -138,7 +143,8 @@ class Vocab:
             raise DataError(f"vocabulary file {path} is unreadable ({exc.__class__.__name__}), "
                             "expected JSON written by Vocab.save") from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("tokens"), list):
-            raise DataError(f"vocabulary file {path} is not in the {_FORMAT} format, expected a file written by Vocab.save")
+            raise DataError(f"vocabulary file {path} is not in the {_FORMAT} format, "
+                            "expected a file written by Vocab.save")
         vocab = cls(data["tokens"])
         if data.get("sha256") not in (None, vocab.sha256()):
             raise DataError(f"vocabulary file {path} fails its sha256 check, expected an unmodified Vocab.save file")

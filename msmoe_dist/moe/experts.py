@@ -17,14 +17,16 @@ from torch import Tensor, nn
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
-def _act_backward(activation: str, grad_a: Tensor, saved: Tensor) -> Tensor:
-    # relu saves its output (so one [R, F] buffer serves forward and backward); the others
-    # need the pre-activation.
+def _act_backward_(activation: str, grad_a: Tensor, saved: Tensor) -> Tensor:
+    """Write act'(.) * grad_a into ``saved`` (its last use), avoiding a fresh [rows, F] buffer.
+
+    relu saves its output, whose sign is its derivative; gelu/silu save the pre-activation.
+    """
     if activation == "relu":
-        return grad_a.masked_fill_(saved <= 0, 0)
+        return torch.ops.aten.threshold_backward.grad_input(grad_a, saved, 0, grad_input=saved)
     if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad_a, saved)
-    return torch.ops.aten.silu_backward(grad_a, saved)
+        return torch.ops.aten.gelu_backward.grad_input(grad_a, saved, grad_input=saved)
+    return torch.ops.aten.silu_backward.grad_input(grad_a, saved, grad_input=saved)
 
 
 def _bounds(counts: Sequence[int]):
@@ -69,21 +71,22 @@ class _SplitFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y_RD):
+        # The saved activation is overwritten with the hidden gradient expert by expert: on
+        # CPU a fresh [R, F] buffer costs more in page faults than its GEMM.  A second
+        # backward through the same graph is caught by autograd's version-counter check.
         x_RD, w1, w2, saved, a_RF = ctx.saved_tensors
         counts, activation = ctx.counts, ctx.activation
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         grad_y_RD = grad_y_RD.contiguous()
         E, D, F_ = w1.shape
-        R = x_RD.shape[0]
         # Experts that received no rows get exact zeros, like the reference loop's gradients.
-        empty = [e for e, n in enumerate(counts) if n == 0]
-        alloc = torch.zeros if empty else torch.empty
+        alloc = torch.zeros if 0 in counts else torch.empty
         gw1 = alloc(E, D, F_, dtype=w1.dtype, device=w1.device) if need_w1 else None
         gb1 = alloc(E, F_, dtype=w1.dtype, device=w1.device) if need_b1 else None
         gw2 = alloc(E, F_, D, dtype=w2.dtype, device=w2.device) if need_w2 else None
         gb2 = alloc(E, D, dtype=w2.dtype, device=w2.device) if need_b2 else None
-        gx = x_RD.new_empty(R, D) if need_x else None
-        grad_a_RF = a_RF.new_empty(R, F_)
+        gx = torch.empty_like(x_RD) if need_x else None
+        grad_a = a_RF.new_empty(max(counts, default=0), F_)
         for e, s, t in _bounds(counts):
             if t == s:
                 continue
@@ -92,18 +95,14 @@ class _SplitFFN(torch.autograd.Function):
                 torch.mm(a_RF[s:t].t(), g, out=gw2[e])
             if need_b2:
                 torch.sum(g, dim=0, out=gb2[e])
-            torch.mm(g, w2[e].t(), out=grad_a_RF[s:t])
-        grad_h_RF = _act_backward(activation, grad_a_RF, saved)
-        for e, s, t in _bounds(counts):
-            if t == s:
-                continue
-            g = grad_h_RF[s:t]
+            ga = torch.mm(g, w2[e].t(), out=grad_a[: t - s])
+            gh = _act_backward_(activation, ga, saved[s:t])
             if need_w1:
-                torch.mm(x_RD[s:t].t(), g, out=gw1[e])
+                torch.mm(x_RD[s:t].t(), gh, out=gw1[e])
             if need_b1:
-                torch.sum(g, dim=0, out=gb1[e])
+                torch.sum(gh, dim=0, out=gb1[e])
             if need_x:
-                torch.mm(g, w1[e].t(), out=gx[s:t])
+                torch.mm(gh, w1[e].t(), out=gx[s:t])
         return gx, gw1, gb1, gw2, gb2, None, None
 
 

@@ -116,9 +116,13 @@ def step_scalars(loss: float, aux: float, lr: float, tok_s: float, gnorm: float,
     row = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "aux_loss": aux, "lr": lr, "tokens_per_s": tok_s,
            "grad_norm": gnorm}
     for i, layer in enumerate(stats or []):
-        moe = layer["moe"]
-        row.update(moe.to_scalars(f"moe.layer{i}."))
-        row[f"moe.layer{i}.selection_by_norm"] = [int(c) for c in moe.selection_by_norm]
+        moe, pre = layer["moe"], f"moe.layer{i}."
+        row[pre + "load_imbalance"] = float(moe.load_imbalance)
+        row[pre + "drop_fraction"] = float(moe.drop_fraction)
+        row[pre + "dropped"] = int(moe.num_dropped)
+        row[pre + "router_entropy"] = float(moe.router_entropy)
+        row[pre + "tokens_per_expert"] = [int(c) for c in moe.tokens_per_expert]
+        row[pre + "selection_by_norm"] = [int(c) for c in moe.selection_by_norm]
         if "momentum_norm" in layer:
             row[f"momentum.layer{i}.norm"] = layer["momentum_norm"]
     return row
@@ -126,6 +130,11 @@ def step_scalars(loss: float, aux: float, lr: float, tok_s: float, gnorm: float,
 
 def run(cfg: Config) -> dict:
     """Trains according to `cfg`; returns a summary dict (final losses and file locations)."""
+    if cfg.parallel.ep_size > 1:
+        raise TrainError(
+            f"parallel.ep_size={cfg.parallel.ep_size} needs expert parallelism across processes, which this "
+            "single-process trainer does not provide yet (expected parallel.ep_size=1)"
+        )
     run_dir, resume_from = prepare_run_dir(cfg)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

@@ -1,0 +1,144 @@
+"""Forward+backward time of one MoELayer against the floor of its expert FFN work.
+
+The floor pushes exactly T*K/E rows through every expert (a perfectly balanced routing)
+with no router and no dispatch, once as batched matmuls (bmm over [E, T*K/E, D]) and once
+as a per-expert loop; the faster is the floor.  Ours, floor-bmm and floor-loop are timed in
+turn inside one loop so that drift in machine load hits all three alike; medians reported.
+
+Legend: T tokens, D model dim, E experts, K top-k, F ffn dim, C = T*K/E rows per expert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from msmoe_dist.config.schema import MoEConfig
+from msmoe_dist.moe import ACTIVATIONS, MoELayer
+
+
+def add_layer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens T per step")
+    parser.add_argument("--d-model", type=int, default=256, help="model dim D")
+    parser.add_argument("--ffn", type=int, default=1024, help="expert ffn dim F")
+    parser.add_argument("--experts", type=int, default=8, help="experts E")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token K")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds (each times all three)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 weights")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_layer_bench(args) -> dict:
+    T, D, F, E, K = args.tokens, args.d_model, args.ffn, args.experts, args.top_k
+    if (T * K) % E:
+        raise ValueError(f"tokens*top_k={T * K} must be divisible by experts={E} for the balanced floor")
+    C = T * K // E
+    device = torch.device(args.device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    torch.manual_seed(0)
+
+    cfg = MoEConfig(num_experts=E, top_k=K, expert_ffn_dim=F, capacity_factor=0.0, expert_impl="grouped")
+    layer = MoELayer(D, cfg).to(device)
+    ex = layer.experts
+    act = ACTIVATIONS[cfg.activation]
+    params = list(layer.parameters())
+
+    x_TD = torch.randn(T, D, generator=gen).to(device).requires_grad_()
+    g_TD = torch.randn(T, D, generator=gen).to(device)
+    x_ECD = torch.randn(E, C, D, generator=gen).to(device).requires_grad_()
+    g_ECD = torch.randn(E, C, D, generator=gen).to(device)
+
+    def ours():
+        layer(x_TD).out.backward(g_TD)
+
+    def floor_bmm():
+        h = act(torch.baddbmm(ex.b1.unsqueeze(1), x_ECD, ex.w1))
+        torch.baddbmm(ex.b2.unsqueeze(1), h, ex.w2).backward(g_ECD)
+
+    def floor_loop():
+        ys = [torch.addmm(ex.b2[e], act(torch.addmm(ex.b1[e], x_ECD[e], ex.w1[e])), ex.w2[e]) for e in range(E)]
+        torch.autograd.backward(ys, list(g_ECD.unbind(0)))
+
+    cases = {"ours": ours, "floor_bmm": floor_bmm, "floor_loop": floor_loop}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with autocast:
+        for rnd in range(args.warmup + args.repeats):
+            for name, fn in cases.items():
+                # A training step starts from cleared gradients; accumulating into old ones
+                # would add work that neither side needs.
+                for p in params + [x_TD, x_ECD]:
+                    p.grad = None
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if rnd >= args.warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+
+    med = {name: statistics.median(v) for name, v in times.items()}
+    floor = min(med["floor_bmm"], med["floor_loop"])
+    return {
+        "machine": machine_info(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": {"tokens": T, "d_model": D, "ffn": F, "experts": E, "top_k": K, "rows_per_expert": C,
+                   "dtype": args.dtype, "device": device.type, "repeats": args.repeats, "warmup": args.warmup},
+        "ours_ms": round(med["ours"], 3),
+        "floor_ms": round(floor, 3),
+        "floor_bmm_ms": round(med["floor_bmm"], 3),
+        "floor_loop_ms": round(med["floor_loop"], 3),
+        "ratio": round(med["ours"] / floor, 4),
+    }
+
+
+def main(argv=None) -> None:
+    args = add_layer_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
+    result = run_layer_bench(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key in ("ours_ms", "floor_bmm_ms", "floor_loop_ms", "floor_ms", "ratio"):
+            print(f"{key:>14}: {result[key]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Loading a corpus directory into a vocabulary and encoded token streams.
+
+A corpus directory holds one text file per split, named either ``train.txt`` /
+``valid.txt`` / ``test.txt`` or the WikiText release names ``wiki.train.tokens`` / ... .
+The vocabulary always comes from the train split, so every split is encoded with the same
+ids whichever subset is requested.
+
+Encoding WikiText-scale text in Python takes seconds, so the results are cached in
+``<path>/.msmoe_cache/``: ``vocab.pt`` keyed by the train file's name, size and mtime,
+and ``<split>.pt`` keyed by the vocabulary hash plus that split file's name, size and
+mtime.  Any mismatch (edited file, new vocabulary, unreadable cache) rebuilds the entry.
+Caching is best effort: a read-only corpus directory (a shared dataset) still loads,
+just without the speed-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+from .synthetic import CACHE_DIR, generate_corpus
+from .vocab import Vocab, iter_file_tokens
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+_CACHE_VERSION = 1
+
+
+def _candidates(split: str) -> tuple[str, str]:
+    return f"{split}.txt", f"wiki.{split}.tokens"
+
+
+def find_split_files(path, splits=SPLITS) -> dict[str, Path]:
+    """Map each requested split to its file in ``path``; either naming layout is accepted per split."""
+    root = Path(path)
+    layouts = "train.txt/valid.txt/test.txt or wiki.train.tokens/wiki.valid.tokens/wiki.test.tokens"
+    if not root.exists():
+        raise DataError(f"data directory {root} does not exist, expected a directory with {layouts}")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a directory, expected a directory with {layouts}")
+    found, missing = {}, []
+    for split in splits:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}, expected one of {', '.join(SPLITS)}")
+        hit = next((root / n for n in _candidates(split) if (root / n).is_file()), None)
+        if hit is None:
+            missing.append(split)
+        else:
+            found[split] = hit
+    if missing:
+        looked = ", ".join(n for s in missing for n in _candidates(s))
+        raise DataError(f"data directory {root} has no {'/'.join(missing)} split: looked for {looked}")
+    return found
+
+
+@dataclass
+class Corpus:
+    """A vocabulary (always from train) and the requested splits as 1-D int64 token-id tensors."""
+
+    vocab: Vocab
+    train: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    test: torch.Tensor | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def split(self, name: str) -> torch.Tensor:
+        stream = getattr(self, name, None) if name in SPLITS else None
+        if stream is None:
+            raise DataError(f"split {name!r} was not loaded, expected one of the requested splits "
+                            f"({', '.join(s for s in SPLITS if getattr(self, s) is not None)})")
+        return stream
+
+
+def load_corpus(cfg, splits=SPLITS) -> Corpus:
+    """Load the corpus described by a ``DataConfig`` (generating it first when kind=synthetic)."""
+    splits = tuple(splits)
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise DataError(f"unknown split {bad[0]!r}, expected some of {', '.join(SPLITS)}")
+    if cfg.kind == "synthetic":
+        generate_corpus(cfg.path, cfg.synthetic_lines, cfg.synthetic_seed)
+    elif cfg.kind != "text":
+        raise DataError(f"data.kind is {cfg.kind!r}, expected 'synthetic' or 'text'")
+    files = find_split_files(cfg.path, ("train",) + tuple(s for s in splits if s != "train"))
+    cache = Path(cfg.path) / CACHE_DIR
+    vocab = _load_vocab(files["train"], cache)
+    corpus = Corpus(vocab=vocab, files={s: files[s] for s in splits})
+    for split in splits:
+        setattr(corpus, split, _load_split(split, files[split], vocab, cache))
+    return corpus
+
+
+def _source_key(path: Path) -> dict:
+    st = path.stat()
+    return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_cache(path: Path, expected: dict) -> dict | None:
+    """The cached payload if it exists and its key fields equal ``expected``; None otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable cache is just rebuilt
+        log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, exc.__class__.__name__)
+        return None
+    if not isinstance(payload, dict) or any(payload.get(k) != v for k, v in expected.items()):
+        return None
+    return payload
+
+
+def _write_cache(path: Path, payload: dict) -> None:
+    """torch.save via a temp file and os.replace; failures only cost speed, so they are logged, not raised."""
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not write cache %s (%s); continuing without it", path, exc)
+
+
+def _load_vocab(train_file: Path, cache: Path) -> Vocab:
+    key = {"version": _CACHE_VERSION, "source": _source_key(train_file)}
+    payload = _read_cache(cache / "vocab.pt", key)
+    if payload is not None and isinstance(payload.get("tokens"), list):
+        tokens, num_tokens = payload["tokens"], payload.get("num_tokens")
+    else:
+        counts: Counter[str] = Counter()
+        for line in iter_file_tokens(train_file):
+            counts.update(line)
+        vocab = Vocab.from_counts(counts)
+        tokens, num_tokens = vocab.itos, sum(counts.values())
+        _write_cache(cache / "vocab.pt", {**key, "tokens": tokens, "num_tokens": num_tokens})
+    if not num_tokens:
+        raise DataError(f"train split {train_file} is empty, expected at least one line of text")
+    return Vocab(tokens)
+
+
+def _load_split(split: str, file: Path, vocab: Vocab, cache: Path) -> torch.Tensor:
+    key = {"version": _CACHE_VERSION, "split": split, "vocab_sha256": vocab.sha256(), "source": _source_key(file)}
+    payload = _read_cache(cache / f"{split}.pt", key)
+    ids = payload.get("ids") if payload is not None else None
+    if isinstance(ids, torch.Tensor) and ids.dtype == torch.int64 and ids.dim() == 1:
+        return ids
+    ids = torch.tensor(vocab.encode_file(file), dtype=torch.int64)
+    _write_cache(cache / f"{split}.pt", {**key, "ids": ids})
+    return ids

@@ -1,0 +1,137 @@
+"""Moving tokens to their experts and back, on one process.
+
+Legend: T tokens, D model dim, E experts, K top-k, A = T*K assignments (flattened k-major,
+a = k*T + t, so that a stable sort by expert orders each expert's rows first-choice first,
+then by token: exactly the capacity priority), R routed (kept) rows, sorted by expert.
+
+The steps are separate pure functions - sort/count, capacity, permute, unpermute - so that
+the expert-parallel dispatcher can put its all-to-alls between them and reuse the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from msmoe_dist.moe.router import Routing
+
+
+@dataclass(frozen=True)
+class DispatchState:
+    """Everything combine needs to undo dispatch; produced by dispatch, consumed by combine."""
+
+    token_R: Tensor  # int64: the token each routed row came from
+    weight_R: Tensor  # the row's combine weight (carries the router's gradient)
+    num_tokens: int
+    tokens_per_expert: tuple[int, ...]  # kept rows per expert (the experts' input split)
+    routed_per_expert: tuple[int, ...]  # assignments per expert before capacity drops
+    num_dropped: int
+    kept_TK: Tensor | None  # bool [T, K]: which assignments survived capacity; None = all (dropless)
+
+
+def sort_by_expert(experts_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stable sort of the k-major assignments by expert.
+
+    Returns (assignment_A: the k-major assignment index of each sorted slot, experts_A: the
+    expert of each sorted slot, counts_E: assignments per expert).
+    """
+    experts_A = experts_TK.t().reshape(-1)
+    sorted_experts_A, assignment_A = torch.sort(experts_A, stable=True)
+    counts_E = torch.bincount(experts_A, minlength=num_experts)
+    return assignment_A, sorted_experts_A, counts_E
+
+
+def capacity_keep(sorted_experts_A: Tensor, counts_E: Tensor, capacity: int) -> Tensor:
+    """Bool mask over sorted slots: a slot survives if it is among its expert's first `capacity`."""
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_A = torch.arange(sorted_experts_A.numel(), device=sorted_experts_A.device) - starts_E[sorted_experts_A]
+    return rank_A < capacity
+
+
+def permute(x_TD: Tensor, token_R: Tensor) -> Tensor:
+    """Gather each routed row's token: [T, D] -> [R, D], grouped by expert."""
+    return x_TD.index_select(0, token_R)
+
+
+class _WeightedUnpermute(torch.autograd.Function):
+    """y_TD[t] = sum over rows r of token t of weight_R[r] * y_RD[r].
+
+    One node instead of mul + index_add so that the backward gathers grad_out once and
+    scales it in place, and the weight gradient is a row-wise dot with no [R, D] temporary.
+    """
+
+    @staticmethod
+    def forward(ctx, y_RD, weight_R, token_R, num_tokens):
+        out_TD = y_RD.new_zeros(num_tokens, y_RD.shape[1])
+        out_TD.index_add_(0, token_R, y_RD * weight_R.unsqueeze(1))
+        ctx.save_for_backward(y_RD, weight_R, token_R)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_RD, weight_R, token_R = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[:2]
+        g_RD = grad_TD.index_select(0, token_R)
+        grad_w = None
+        if need_w:
+            grad_w = torch.bmm(g_RD.unsqueeze(1), y_RD.unsqueeze(2)).view(-1).to(weight_R.dtype)
+        grad_y = g_RD.mul_(weight_R.unsqueeze(1)) if need_y else None
+        return grad_y, grad_w, None, None
+
+
+def unpermute(y_RD: Tensor, token_R: Tensor, weight_R: Tensor, num_tokens: int) -> Tensor:
+    """Weighted scatter-add of routed rows back to their tokens; untouched tokens stay zero."""
+    weight_R = weight_R.to(torch.promote_types(y_RD.dtype, weight_R.dtype))
+    if y_RD.dtype != weight_R.dtype:
+        y_RD = y_RD.to(weight_R.dtype)
+    return _WeightedUnpermute.apply(y_RD, weight_R, token_R, num_tokens)
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
+    """ceil(capacity_factor * T * K / E), or None (dropless) when capacity_factor is 0."""
+    if capacity_factor <= 0:
+        return None
+    # The rounding keeps float noise (1.1 * 10 = 11.000000000000002) from adding a slot.
+    return max(1, math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9)))
+
+
+class LocalDispatcher:
+    """Dispatch for a single process (no expert parallelism, no process group needed)."""
+
+    def __init__(self, num_experts: int | None = None):
+        # None: take E from the routing's probabilities.
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TD: Tensor, routing: Routing, capacity: int | None) -> tuple[Tensor, list[int], DispatchState]:
+        T, K = routing.experts_TK.shape
+        E = self.num_experts or routing.probs_TE.shape[1]
+        assignment_A, sorted_experts_A, counts_E = sort_by_expert(routing.experts_TK, E)
+        routed = tuple(counts_E.tolist())
+        kept_TK = None
+        if capacity is not None and max(routed, default=0) > capacity:
+            keep_A = capacity_keep(sorted_experts_A, counts_E, capacity)
+            kept_flat = torch.zeros(T * K, dtype=torch.bool, device=keep_A.device)
+            kept_flat[assignment_A] = keep_A
+            kept_TK = kept_flat.view(K, T).t()
+            assignment_A = assignment_A[keep_A]
+            kept = tuple(min(n, capacity) for n in routed)
+        else:
+            kept = routed
+        token_R = assignment_A % T
+        weight_R = routing.weights_TK.t().reshape(-1)[assignment_A]
+        state = DispatchState(
+            token_R=token_R,
+            weight_R=weight_R,
+            num_tokens=T,
+            tokens_per_expert=kept,
+            routed_per_expert=routed,
+            num_dropped=sum(routed) - sum(kept),
+            kept_TK=kept_TK,
+        )
+        return permute(x_TD, token_R), list(kept), state
+
+    def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
+        return unpermute(y_RD, state.token_R, state.weight_R, state.num_tokens)

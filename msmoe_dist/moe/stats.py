@@ -1,0 +1,65 @@
+"""Per-layer routing diagnostics, for logging only (no gradient, plain Python numbers).
+
+Legend: T tokens, E experts, K top-k, R routed (kept) rows sorted by expert, D model dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from msmoe_dist.moe.dispatcher import DispatchState
+from msmoe_dist.moe.router import Routing
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    tokens_per_expert: list[int]  # kept assignments per expert
+    routed_per_expert: list[int]  # assignments per expert before capacity drops
+    num_dropped: int
+    drop_fraction: float  # num_dropped / (T * K)
+    load_imbalance: float  # max / mean of routed_per_expert; 1.0 is perfectly balanced
+    router_entropy: float  # mean over tokens of the entropy of probs_TE, in nats
+    expert_out_norm: list[float]  # mean L2 norm of each expert's output rows; 0 if unused
+    selection_by_norm: list[int]  # routed_per_expert ordered by descending expert_out_norm
+
+    def to_scalars(self, prefix: str = "") -> dict[str, float]:
+        """The headline numbers for metrics logs; keys are ``prefix/name`` (or ``name``)."""
+        head = f"{prefix}/" if prefix and not prefix.endswith("/") else prefix
+        return {
+            f"{head}load_imbalance": float(self.load_imbalance),
+            f"{head}drop_fraction": float(self.drop_fraction),
+            f"{head}router_entropy": float(self.router_entropy),
+        }
+
+
+@torch.no_grad()
+def compute_stats(routing: Routing, state: DispatchState, y_RD: Tensor) -> MoEStats:
+    """Statistics of one forward: ``y_RD`` is the experts' output (before the combine weights)."""
+    routed = [int(n) for n in state.routed_per_expert]
+    kept = [int(n) for n in state.tokens_per_expert]
+    assignments = routing.experts_TK.numel()
+    mean_routed = sum(routed) / max(len(routed), 1)
+    imbalance = max(routed) / mean_routed if mean_routed > 0 else 0.0
+
+    probs_TE = routing.probs_TE.detach().float()
+    # xlogy: an exact-zero probability contributes 0, not nan.
+    entropy = -torch.special.xlogy(probs_TE, probs_TE).sum(-1).mean().item() if probs_TE.numel() else 0.0
+
+    norms_R = torch.linalg.vector_norm(y_RD.detach().float(), dim=-1)
+    out_norm = [chunk.mean().item() if chunk.numel() else 0.0 for chunk in norms_R.split(kept)]
+    # Stable sort on the negated norm keeps ties in expert order, so the histogram is reproducible.
+    order = sorted(range(len(out_norm)), key=lambda e: -out_norm[e])
+
+    return MoEStats(
+        tokens_per_expert=kept,
+        routed_per_expert=routed,
+        num_dropped=int(state.num_dropped),
+        drop_fraction=state.num_dropped / assignments if assignments else 0.0,
+        load_imbalance=float(imbalance),
+        router_entropy=float(entropy),
+        expert_out_norm=out_norm,
+        selection_by_norm=[routed[e] for e in order],
+    )

@@ -1,0 +1,59 @@
+"""Trainer safety: a NaN/Inf loss stops the run and keeps the last good checkpoint intact."""
+
+import json
+
+import pytest
+import torch
+
+from msmoe_dist.config import load_config
+from msmoe_dist.train import trainer
+from msmoe_dist.train.checkpoint import latest_checkpoint, load_state
+
+
+def tiny_cfg(tmp_path, *extra):
+    return load_config(None, [
+        f"train.run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}", "data.synthetic_lines=400",
+        "model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.max_seq_len=16", "data.seq_len=16",
+        "data.batch_size=4", "moe.num_experts=4", "moe.expert_ffn_dim=32", "train.max_steps=8",
+        "checkpoint.every_steps=2", "train.progress=false", "logging.log_every=1", "train.eval_batches=2",
+        "momentum.kind=heavy_ball", *extra])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_build = trainer.build_model
+
+    def poisoned(cfg, vocab_size):
+        model = real_build(cfg, vocab_size)
+        calls = {"n": 0}
+        orig_forward = model.forward
+
+        def forward(*args, **kwargs):
+            out = orig_forward(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 5:  # the 5th training step
+                return type(out)(loss=out.loss * float("nan"), aux_loss=out.aux_loss, logits=None, stats=out.stats)
+            return out
+
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", poisoned)
+    cfg = tiny_cfg(tmp_path)
+    with pytest.raises(trainer.NonFiniteLoss, match="step 5.*step_00000004"):
+        trainer.run(cfg)
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert ckpt.name == "step_00000004"
+    state = load_state(ckpt)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4
+
+
+def test_ep_size_above_one_is_refused_on_one_process(tmp_path):
+    with pytest.raises(trainer.TrainError, match="parallel.ep_size=2"):
+        trainer.run(tiny_cfg(tmp_path, "parallel.ep_size=2"))
+
+
+def test_vocab_size_smaller_than_data_is_refused(tmp_path):
+    with pytest.raises(trainer.TrainError, match="model.vocab_size=10"):
+        trainer.run(tiny_cfg(tmp_path, "model.vocab_size=10"))
