@@ -4,6 +4,8 @@ The floor pushes exactly T*K/E rows through every expert (a perfectly balanced r
 with no router and no dispatch, once as batched matmuls (bmm over [E, T*K/E, D]) and once
 as a per-expert loop; the faster is the floor.  Ours, floor-bmm and floor-loop are timed in
 turn inside one loop so that drift in machine load hits all three alike; medians reported.
+``experts_only_ms`` times our expert path alone on the floor's balanced rows, so that
+ours - experts_only is what routing and dispatch cost.
 
 Legend: T tokens, D model dim, E experts, K top-k, F ffn dim, C = T*K/E rows per expert.
 """
@@ -99,14 +101,21 @@ def run_layer_bench(args) -> dict:
         ys = [torch.addmm(ex.b2[e], act(torch.addmm(ex.b1[e], x_ECD[e], ex.w1[e])), ex.w2[e]) for e in range(E)]
         torch.autograd.backward(ys, list(g_ECD.unbind(0)))
 
-    cases = {"ours": ours, "floor_bmm": floor_bmm, "floor_loop": floor_loop}
+    x_RD = x_ECD.detach().view(E * C, D).requires_grad_()
+    g_RD = g_ECD.view(E * C, D)
+
+    def experts_only():
+        # our expert path on the floor's balanced rows: ours minus this is router + dispatch
+        ex(x_RD, [C] * E).backward(g_RD)
+
+    cases = {"ours": ours, "floor_bmm": floor_bmm, "floor_loop": floor_loop, "experts_only": experts_only}
     times: dict[str, list[float]] = {name: [] for name in cases}
     with autocast:
         for rnd in range(args.warmup + args.repeats):
             for name, fn in cases.items():
                 # A training step starts from cleared gradients; accumulating into old ones
                 # would add work that neither side needs.
-                for p in params + [x_TD, x_ECD]:
+                for p in params + [x_TD, x_ECD, x_RD]:
                     p.grad = None
                 sync()
                 t0 = time.perf_counter()
@@ -127,6 +136,7 @@ def run_layer_bench(args) -> dict:
         "floor_bmm_ms": round(med["floor_bmm"], 3),
         "floor_loop_ms": round(med["floor_loop"], 3),
         "ratio": round(med["ours"] / floor, 4),
+        "experts_only_ms": round(med["experts_only"], 3),
     }
 
 
@@ -136,7 +146,7 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        for key in ("ours_ms", "floor_bmm_ms", "floor_loop_ms", "floor_ms", "ratio"):
+        for key in ("ours_ms", "floor_bmm_ms", "floor_loop_ms", "floor_ms", "ratio", "experts_only_ms"):
             print(f"{key:>14}: {result[key]}")
 
 

@@ -106,6 +106,22 @@ class _SplitFFN(torch.autograd.Function):
         return gx, gw1, gb1, gw2, gb2, None, None
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    torch._grouped_mm's backward rejects the stride-0 gradients that e.g. ``out.sum()``
+    produces.
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 _GROUPED_MM_OK: dict[tuple, bool] = {}
 
 
@@ -166,7 +182,10 @@ class Experts(nn.Module):
         nn.init.zeros_(self.b2)
 
     def _weights(self, x_RD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Input and weights in the compute dtype (autocast's, if active); casts stay on the tape."""
+        """Input and weights in the compute dtype (autocast's, if active); casts stay on the tape.
+
+        Must be called before autocast is switched off for the expert math.
+        """
         dtype = x_RD.dtype
         if torch.is_autocast_enabled(x_RD.device.type):
             dtype = torch.get_autocast_dtype(x_RD.device.type)
@@ -182,8 +201,8 @@ class Experts(nn.Module):
 
     def forward(self, x_RD: Tensor, tokens_per_expert: Sequence[int]) -> Tensor:
         counts = self._check(x_RD, tokens_per_expert)
+        x, w1, b1, w2, b2 = self._weights(x_RD)
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
-            x, w1, b1, w2, b2 = self._weights(x_RD)
             if _prefer_grouped_mm(x.device) and grouped_mm_works(x.device, x.dtype, self.d_model, self.ffn_dim):
                 return self._forward_grouped_mm(x, w1, b1, w2, b2, counts)
             return _SplitFFN.apply(x, w1, b1, w2, b2, counts, self.activation)
@@ -195,18 +214,14 @@ class Experts(nn.Module):
         expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E)
         h = torch._grouped_mm(x, w1, offs=offs) + b1[expert_R]
         a = ACTIVATIONS[self.activation](h)
-        return torch._grouped_mm(a, w2, offs=offs) + b2[expert_R]
+        return _ContiguousGrad.apply(torch._grouped_mm(a, w2, offs=offs)) + b2[expert_R]
 
     def forward_loop(self, x_RD: Tensor, tokens_per_expert: Sequence[int]) -> Tensor:
         """Obviously-correct reference: one plain matmul chain per expert, autograd does the rest."""
         counts = self._check(x_RD, tokens_per_expert)
+        x, w1, b1, w2, b2 = self._weights(x_RD)
+        act = ACTIVATIONS[self.activation]
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
-            x, w1, b1, w2, b2 = self._weights(x_RD)
-            act = ACTIVATIONS[self.activation]
-            outs = []
-            for e, s, t in _bounds(counts):
-                if t > s:
-                    outs.append(act(x[s:t] @ w1[e] + b1[e]) @ w2[e] + b2[e])
-            if not outs:
-                return x.new_zeros(0, self.d_model)
+            # Empty chunks go through too: 0-row matmuls are valid and keep the graph whole.
+            outs = [act(x[s:t] @ w1[e] + b1[e]) @ w2[e] + b2[e] for e, s, t in _bounds(counts)]
             return torch.cat(outs)

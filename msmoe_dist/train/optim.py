@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from msmoe_dist.config.schema import OptimConfig
+from msmoe_dist.parallel.sharding import is_expert_key
 
 
 def is_expert_param(name: str) -> bool:
     """Expert weights are a different kind of parameter (sharded under expert parallelism)."""
-    return ".moe.experts." in f".{name}"
+    return is_expert_key(name)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,62 @@
+"""Process groups, built once from the layout and passed explicitly to whoever needs them.
+
+Model code never looks a group up globally: the MoE layers receive their expert-parallel group
+through the dispatcher, and the gradient reduction receives the data-parallel and
+expert-data-parallel groups from the `ProcessGroups` bundle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from msmoe_dist.parallel.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class ProcessGroups:
+    layout: ParallelLayout
+    rank: int
+    dp: object  # all ranks (dense gradients)
+    ep: object  # this rank's expert-parallel group (all-to-all)
+    edp: object  # this rank's expert-data-parallel group (expert gradients)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.layout.ep_rank(self.rank)
+
+    @property
+    def edp_rank(self) -> int:
+        return self.layout.edp_rank(self.rank)
+
+
+def env_rank_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun / the deepspeed launcher, or (0, 1, 0)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:
+    """Initialises the default process group from the environment (idempotent)."""
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def build_process_groups(layout: ParallelLayout, rank: int) -> ProcessGroups:
+    """Creates every EP and EDP group (all ranks must call this, in the same order)."""
+    ep_mine = edp_mine = None
+    for ranks in layout.ep_groups():
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            ep_mine = g
+    for ranks in layout.edp_groups():
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            edp_mine = g
+    return ProcessGroups(layout=layout, rank=rank, dp=dist.group.WORLD, ep=ep_mine, edp=edp_mine)
