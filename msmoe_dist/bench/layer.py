@@ -61,6 +61,10 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
+    if hasattr(os, "getloadavg"):
+        # The per-expert paths pay a scheduling delay per parallel op when other processes
+        # compete for the cores, the bmm floor much less: a loaded machine inflates ratio.
+        info["load_avg_1min_before"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -72,6 +76,7 @@ def run_layer_bench(args) -> dict:
         raise ValueError(f"tokens*top_k={T * K} must be divisible by experts={E} for the balanced floor")
     C = T * K // E
     device = torch.device(args.device)
+    machine = machine_info(device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     )
@@ -127,7 +132,7 @@ def run_layer_bench(args) -> dict:
     med = {name: statistics.median(v) for name, v in times.items()}
     floor = min(med["floor_bmm"], med["floor_loop"])
     return {
-        "machine": machine_info(device),
+        "machine": machine,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shapes": {"tokens": T, "d_model": D, "ffn": F, "experts": E, "top_k": K, "rows_per_expert": C,
                    "dtype": args.dtype, "device": device.type, "repeats": args.repeats, "warmup": args.warmup},

@@ -144,7 +144,13 @@ class TrainConfig:
     seed: int = opt(0, "Seed of model init, data order and dropout.")
     resume: bool = opt(False, "Continue from the latest checkpoint in run_dir.")
     device: str = opt("auto", "auto picks cuda when available, else cpu.", ("auto", "cpu", "cuda"))
-    dtype: str = opt("fp32", "Compute precision (bf16 = autocast; weights stay fp32).", ("fp32", "bf16"))
+    dtype: str = opt(
+        "fp32",
+        "Precision. native engine: fp32, or bf16 autocast with fp32 weights. deepspeed engine: its bf16/fp16 "
+        "modes (fp16 with dynamic loss scaling; needs a GPU and parallel.zero_stage >= 1).",
+        ("fp32", "bf16", "fp16"),
+    )
+    grad_accum_steps: int = opt(1, "Micro-batches of data.batch_size accumulated per optimiser step (>= 1).")
     eval_every: int = opt(0, "Evaluate validation perplexity every N steps; 0 = only at the end.")
     eval_batches: int = opt(20, "Batches per evaluation; 0 = the whole validation stream.")
     progress: bool = opt(True, "Show a progress bar (loss, tokens/s, ETA).")
@@ -155,6 +161,11 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = opt(0, "Save a checkpoint every N steps; 0 = only at the end.")
     keep_last: int = opt(2, "How many most recent checkpoints to keep; >= 1.")
+    init_from: str = opt(
+        "",
+        "Start a fresh run from the weights of this checkpoint (run dir or step dir; any engine and EP degree "
+        "with the same total number of experts). Optimiser state, schedule and step start anew.",
+    )
 
 
 @dataclass
@@ -166,7 +177,21 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    ep_size: int = opt(1, "Expert-parallel degree: experts are sharded over groups of ep_size ranks.")
+    ep_size: int = opt(1, "Expert-parallel degree: experts are sharded over groups of ep_size consecutive ranks.")
+    engine: str = opt(
+        "auto",
+        "native: plain PyTorch, one process. deepspeed: the DeepSpeed engine (ZeRO, bf16/fp16, checkpoints), "
+        "any world size. auto: native for one process, deepspeed under torchrun/the deepspeed launcher.",
+        ("auto", "native", "deepspeed"),
+    )
+    zero_stage: int = opt(
+        1, "DeepSpeed ZeRO stage: 0, 1 or 2 (stage 3 is refused: DeepSpeed does not support it for MoE models)."
+    )
+    deepspeed_config: str = opt(
+        "", "Optional DeepSpeed JSON whose entries override the config generated from this one (deep merge)."
+    )
+    backend: str = opt("auto", "torch.distributed backend; auto = nccl with CUDA, else gloo.", ("auto", "nccl", "gloo"))
+    timeout_s: float = opt(300.0, "Timeout of every collective, in seconds (a hung peer becomes an error).")
 
 
 @dataclass

@@ -162,6 +162,7 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     positive("train.max_steps")
     non_negative("train.eval_every", " (0 = only at the end)")
     non_negative("train.eval_batches", " (0 = the whole validation stream)")
+    at_least("train.grad_accum_steps", 1)
 
     # ---- checkpoint, logging
     non_negative("checkpoint.every_steps", " (0 = only at the end)")
@@ -175,3 +176,20 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
             ["moe.num_experts", "parallel.ep_size"],
             f"moe.num_experts={experts} must be divisible by parallel.ep_size={get('parallel.ep_size')}",
         )
+    if get("parallel.zero_stage") not in (0, 1, 2):
+        detail = f"expected 0, 1 or 2, got {show(get('parallel.zero_stage'))}"
+        if get("parallel.zero_stage") == 3:
+            detail = (
+                "ZeRO stage 3 is refused: DeepSpeed does not support it for MoE models (it asserts, and would "
+                "partition each expert over the whole data-parallel group); expected 0, 1 or 2"
+            )
+        fail("parallel.zero_stage", detail)
+    positive("parallel.timeout_s")
+    dtype, engine, stage = get("train.dtype"), get("parallel.engine"), get("parallel.zero_stage")
+    if engine == "native" and dtype == "fp16":
+        fail(["train.dtype", "parallel.engine"],
+             "train.dtype=fp16 needs loss scaling, which only parallel.engine=deepspeed provides (expected bf16 or fp32)")
+    if engine != "native" and dtype in ("bf16", "fp16") and stage == 0:
+        fail(["train.dtype", "parallel.zero_stage"],
+             f"train.dtype={dtype} with parallel.zero_stage=0 is refused: DeepSpeed's stage-0 {dtype} optimizer "
+             "leaves expert gradients out of the norm (and fp16 skips loss scaling); expected zero_stage 1 or 2")

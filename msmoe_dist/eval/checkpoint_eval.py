@@ -8,8 +8,9 @@ import time
 from msmoe_dist.config.loader import config_from_dict
 from msmoe_dist.data import load_corpus
 from msmoe_dist.eval.evaluate import evaluate_lm
-from msmoe_dist.train.checkpoint import CheckpointError, load_state, resolve_checkpoint
+from msmoe_dist.train.checkpoint import CheckpointError, resolve_checkpoint
 from msmoe_dist.train.trainer import build_model, pick_device
+from msmoe_dist.train.weights import load_full_weights
 
 SPLITS = ("valid", "test")
 
@@ -20,8 +21,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     if bad or not splits:
         raise CheckpointError(f"--splits {args.splits!r}: expected a comma-separated subset of {','.join(SPLITS)}")
     step_dir = resolve_checkpoint(args.checkpoint)
-    saved = load_state(step_dir)
-    cfg = config_from_dict(saved["config"], source=str(step_dir / "state.pt"))
+    weights, saved = load_full_weights(step_dir)  # every expert, whatever EP degree it was saved at
+    cfg = config_from_dict(saved["config"], source=str(step_dir / "complete.json"))
     if args.data_path:
         cfg.data.path = args.data_path
     corpus = load_corpus(cfg.data, splits=tuple(splits))
@@ -32,13 +33,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         )
     device = pick_device(args.device)
     model = build_model(cfg, saved["vocab_size"]).to(device)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(weights)
     batch_size = args.batch_size or cfg.data.batch_size
     result = {"checkpoint": str(step_dir), "step": saved["step"]}
     t0 = time.perf_counter()
     for split in splits:
         ev = evaluate_lm(model, getattr(corpus, split), batch_size, cfg.data.seq_len, args.batches, device,
-                         cfg.train.dtype)
+                         "bf16" if cfg.train.dtype == "bf16" else "fp32")
         result.update({f"{split}_ppl": ev["ppl"], f"{split}_loss": ev["loss"], f"{split}_tokens": ev["tokens"]})
     result["ppl"] = result.get("valid_ppl", result.get(f"{splits[0]}_ppl"))
     result["seconds"] = round(time.perf_counter() - t0, 3)

@@ -1,21 +1,31 @@
-"""Checkpoints in the run directory.
+"""Checkpoints in the run directory, for both engines.
 
-Layout:  <run_dir>/checkpoints/step_00000100/state.pt   (+ config.yaml beside it)
-         <run_dir>/checkpoints/latest                   (text: the name of the newest complete one)
-A checkpoint is written into a temporary directory and renamed into place; the `latest` marker is
-replaced atomically only afterwards, so a crash mid-write never leaves `latest` pointing at a
-partial checkpoint and never damages the previous one.
+Layout:  <run_dir>/checkpoints/step_00000100/   one complete checkpoint:
+             complete.json      written last: step, engine, world size, ep_size, ... (the seal)
+             config.yaml        the resolved configuration
+             state.pt           native engine: model, optimiser, schedule, RNG, step
+             <DeepSpeed files>  deepspeed engine: DeepSpeed's model/optimiser files, plus
+             experts_ep000.pt   ... one file of expert weights per expert-parallel rank, and
+             rank00000.pt       ... one file of RNG state per rank
+         <run_dir>/checkpoints/latest   the name of the newest complete checkpoint
+
+Protocol: every rank writes into `.step_N.partial/`; a barrier; rank 0 seals it (complete.json),
+renames it to `step_N/`, and only then replaces `latest` atomically. A crash at any point leaves
+`latest` on the previous complete checkpoint, and a partial directory is never read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 LATEST = "latest"
+SEAL = "complete.json"
 
 
 class CheckpointError(ValueError):
@@ -32,19 +42,35 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(ckpt_root: Path, step: int, state: dict, config_yaml: str, keep_last: int) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    write_rank_files: Callable[[Path], None],
+    seal: dict,
+    config_yaml: str,
+    keep_last: int,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Runs the protocol above; `write_rank_files(dir)` writes this rank's files into `dir`."""
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    if final.exists():  # re-saving the same step (e.g. after resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(ckpt_root / LATEST, final.name + "\n")
-    _prune(ckpt_root, keep_last, protect=final.name)
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        tmp.mkdir()
+    barrier()
+    write_rank_files(tmp)
+    barrier()  # every rank has finished writing
+    if is_main:
+        (tmp / "config.yaml").write_text(config_yaml)
+        atomic_write_text(tmp / SEAL, json.dumps({"step": step, **seal}, indent=1) + "\n")
+        if final.exists():  # only a partial or superseded copy of this step can be here
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(ckpt_root / LATEST, final.name + "\n")
+        _prune(ckpt_root, keep_last, protect=final.name)
+    barrier()
     return final
 
 
@@ -55,30 +81,43 @@ def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def is_complete(step_dir: Path) -> bool:
+    return (step_dir / SEAL).is_file()
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     marker = ckpt_root / LATEST
     if not marker.is_file():
         return None
     path = ckpt_root / marker.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    return path if is_complete(path) else None
+
+
+def read_seal(step_dir: Path) -> dict:
+    try:
+        return json.loads((step_dir / SEAL).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {step_dir / SEAL}: {exc}") from exc
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accepts a run dir, its checkpoints/ dir, or one step_* dir; returns the step dir."""
+    """Accepts a run dir, its checkpoints/ dir, or one step_* dir; returns the complete step dir."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist (expected a run directory or a step_* checkpoint)")
-    if (p / "state.pt").is_file():
+    if is_complete(p):
         return p
     for root in (p / "checkpoints", p):
         found = latest_checkpoint(root)
         if found is not None:
             return found
-    raise CheckpointError(f"no complete checkpoint under {p} (expected {p}/checkpoints/latest or a step_* dir with state.pt)")
+    raise CheckpointError(
+        f"no complete checkpoint under {p} (expected {p}/checkpoints/latest or a step_* dir with {SEAL})"
+    )
 
 
-def load_state(step_dir: Path, map_location="cpu") -> dict:
+def torch_load(path: Path, map_location="cpu"):
     try:
-        return torch.load(step_dir / "state.pt", map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # corrupt or truncated file: say which one
-        raise CheckpointError(f"cannot read checkpoint {step_dir / 'state.pt'}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint file {path}: {type(exc).__name__}: {exc}") from exc

@@ -1,31 +1,35 @@
-"""Single-process training loop: model, optimiser, schedule, logging, evaluation, checkpoints.
+"""The training loop, for one process (native engine) or many (DeepSpeed engine).
 
 Step numbering: `step` in metrics.jsonl and checkpoint names counts completed optimiser steps.
-A checkpoint at step N resumes at step N; the data position is the step itself (batches are a
-pure function of seed and step), so a resumed run reads exactly the tokens the uninterrupted
-run would have read.
+A checkpoint at step N resumes at step N; the data position is the step itself (each rank's
+micro-batches are a pure function of seed, step, micro-batch and rank), so a resumed run reads
+exactly the tokens the uninterrupted run would have read, neither repeating nor skipping any.
+Rank and world size come from the environment (torchrun, the deepspeed launcher), else 1.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from msmoe_dist.config.loader import config_to_dict, save_config
+from msmoe_dist.config.loader import config_to_dict, config_to_yaml
 from msmoe_dist.config.schema import Config
 from msmoe_dist.data import load_corpus, train_batch
-from msmoe_dist.eval import autocast_ctx, evaluate_lm
 from msmoe_dist.models import MoELanguageModel
-from msmoe_dist.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from msmoe_dist.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    read_seal,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from msmoe_dist.train.engine_base import NonFiniteLoss, rng_state, set_rng_state  # noqa: F401 (re-export)
 from msmoe_dist.train.metrics import MetricsLogger
-from msmoe_dist.train.optim import build_optimizer, build_scheduler
 
 # Sections whose values define the network; a resume with different values would load
 # weights into the wrong shapes or silently change the model.
@@ -36,10 +40,6 @@ class TrainError(ValueError):
     """A user-facing problem with the run (one line); the CLI exits with code 2."""
 
 
-class NonFiniteLoss(RuntimeError):
-    """Training hit a NaN/Inf loss; the CLI exits with code 3."""
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,8 +48,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: Config, vocab_size: int) -> MoELanguageModel:
-    return MoELanguageModel(cfg.model, cfg.moe, cfg.momentum, vocab_size)
+def build_model(cfg: Config, vocab_size: int, dispatcher=None) -> MoELanguageModel:
+    return MoELanguageModel(cfg.model, cfg.moe, cfg.momentum, vocab_size, dispatcher=dispatcher)
 
 
 def resolve_vocab_size(cfg: Config, data_vocab: int) -> int:
@@ -63,48 +63,10 @@ def resolve_vocab_size(cfg: Config, data_vocab: int) -> int:
     return cfg.model.vocab_size
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """Checks the run directory against train.resume/overwrite; returns (run_dir, checkpoint to resume)."""
-    run_dir = Path(cfg.train.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_root)
-    if cfg.train.resume:
-        if latest is None:
-            raise TrainError(
-                f"train.resume=true but {ckpt_root} holds no complete checkpoint (check train.run_dir)"
-            )
-        return run_dir, latest
-    if latest is not None:
-        if not cfg.train.overwrite:
-            raise TrainError(
-                f"{run_dir} already holds checkpoints (latest {latest.name}); expected train.resume=true to "
-                "continue it, train.overwrite=true to start over, or another train.run_dir"
-            )
-        for sub in ("checkpoints", "tensorboard"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
-
-
-def check_resume_compatible(cfg: Config, saved: dict) -> None:
+def check_resume_compatible(cfg: Config, saved_config: dict) -> None:
     now = config_to_dict(cfg)
     for section in ARCH_SECTIONS:
-        for key, val in saved["config"][section].items():
+        for key, val in saved_config[section].items():
             if now[section].get(key) != val:
                 raise TrainError(
                     f"cannot resume: {section}.{key}={now[section].get(key)!r} differs from the checkpoint's "
@@ -112,10 +74,27 @@ def check_resume_compatible(cfg: Config, saved: dict) -> None:
                 )
 
 
-def step_scalars(loss: float, aux: float, lr: float, tok_s: float, gnorm: float, stats: list | None) -> dict:
-    row = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "aux_loss": aux, "lr": lr, "tokens_per_s": tok_s,
-           "grad_norm": gnorm}
-    for i, layer in enumerate(stats or []):
+def find_resume_point(cfg: Config) -> Path | None:
+    """Checks the run directory against train.resume/overwrite (read-only; every rank may call it)."""
+    run_dir = Path(cfg.train.run_dir)
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if cfg.train.resume:
+        if latest is None:
+            raise TrainError(f"train.resume=true but {run_dir / 'checkpoints'} holds no complete checkpoint "
+                             "(check train.run_dir)")
+        return latest
+    if latest is not None and not cfg.train.overwrite:
+        raise TrainError(
+            f"{run_dir} already holds checkpoints (latest {latest.name}); expected train.resume=true to "
+            "continue it, train.overwrite=true to start over, or another train.run_dir"
+        )
+    return None
+
+
+def step_scalars(res, lr: float, tok_s: float) -> dict:
+    row = {"loss": res.loss, "ppl": math.exp(min(res.loss, 700.0)), "aux_loss": res.aux_loss, "lr": lr,
+           "tokens_per_s": tok_s, "grad_norm": res.grad_norm}
+    for i, layer in enumerate(res.stats or []):
         moe, pre = layer["moe"], f"moe.layer{i}."
         row[pre + "load_imbalance"] = float(moe.load_imbalance)
         row[pre + "drop_fraction"] = float(moe.drop_fraction)
@@ -128,99 +107,151 @@ def step_scalars(loss: float, aux: float, lr: float, tok_s: float, gnorm: float,
     return row
 
 
+def _engine_kind(cfg: Config, world_size: int) -> str:
+    kind = cfg.parallel.engine
+    if kind == "auto":
+        kind = "deepspeed" if world_size > 1 else "native"
+    if kind == "native" and world_size > 1:
+        raise TrainError(f"parallel.engine=native runs one process, but WORLD_SIZE={world_size} "
+                         "(expected parallel.engine=deepspeed or auto)")
+    if kind == "native" and cfg.parallel.ep_size > 1:
+        raise TrainError(f"parallel.ep_size={cfg.parallel.ep_size} needs several processes (launch with torchrun "
+                         "or the deepspeed launcher); expected parallel.ep_size=1 for one process")
+    return kind
+
+
+def _init_weights(cfg: Config) -> dict | None:
+    if not cfg.checkpoint.init_from:
+        return None
+    from msmoe_dist.train.weights import load_full_weights
+
+    step_dir = resolve_checkpoint(cfg.checkpoint.init_from)
+    weights, seal = load_full_weights(step_dir)
+    check_resume_compatible(cfg, seal["config"])
+    return weights
+
+
+def make_engine(cfg: Config, vocab_size: int):
+    from msmoe_dist.parallel import env_rank_world
+
+    rank, world, local_rank = env_rank_world()
+    kind = _engine_kind(cfg, world)
+    init = _init_weights(cfg)
+    if kind == "native":
+        from msmoe_dist.train.native_engine import NativeEngine
+
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, vocab_size)
+        if init is not None:
+            model.load_state_dict(init)
+        return NativeEngine(model, cfg, pick_device(cfg.train.device))
+    from msmoe_dist.parallel import LayoutError, ParallelLayout, build_process_groups
+    from msmoe_dist.parallel.distributed import init_for_deepspeed
+    from msmoe_dist.train.ds_engine import DeepSpeedEngine
+
+    try:
+        layout = ParallelLayout(world, cfg.parallel.ep_size)
+        layout.check_experts(cfg.moe.num_experts)
+    except LayoutError as exc:
+        raise TrainError(str(exc)) from exc
+    init_for_deepspeed(cfg.parallel, cfg.train.device, local_rank)
+    return DeepSpeedEngine(cfg, build_model, vocab_size, build_process_groups(layout, rank), init)
+
+
 def run(cfg: Config) -> dict:
     """Trains according to `cfg`; returns a summary dict (final losses and file locations)."""
-    if cfg.parallel.ep_size > 1:
-        raise TrainError(
-            f"parallel.ep_size={cfg.parallel.ep_size} needs expert parallelism across processes, which this "
-            "single-process trainer does not provide yet (expected parallel.ep_size=1)"
-        )
-    run_dir, resume_from = prepare_run_dir(cfg)
-    device = pick_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    corpus = load_corpus(cfg.data, splits=("train", "valid"))
+    from msmoe_dist.parallel import env_rank_world
+
+    rank, world, local_rank = env_rank_world()
+    _engine_kind(cfg, world)  # refuse impossible launches before touching anything
+    resume_from = find_resume_point(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    if world > 1:
+        from msmoe_dist.parallel.distributed import init_for_deepspeed
+
+        init_for_deepspeed(cfg.parallel, cfg.train.device, local_rank)
+    # Rank 0 generates/caches the corpus first; the others then read its cache.
+    if rank == 0:
+        corpus = load_corpus(cfg.data, splits=("train", "valid"))
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        corpus = load_corpus(cfg.data, splits=("train", "valid"))
     vocab_size = resolve_vocab_size(cfg, len(corpus.vocab))
-    model = build_model(cfg, vocab_size).to(device)
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, cfg.train.max_steps)
+    engine = make_engine(cfg, vocab_size)
     start = 0
     if resume_from is not None:
-        saved = load_state(resume_from)
-        check_resume_compatible(cfg, saved)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        start = saved["step"]
+        seal = read_seal(resume_from)
+        check_resume_compatible(cfg, seal["config"])
+        start = engine.load(resume_from, seal)
         if start >= cfg.train.max_steps:
             raise TrainError(f"checkpoint is at step {start}, already >= train.max_steps={cfg.train.max_steps}")
-    save_config(cfg, run_dir / "config.yaml")
-    config_yaml = (run_dir / "config.yaml").read_text()
-    logger = MetricsLogger(run_dir, cfg.logging.tensorboard, resume_step=start if resume_from else None)
+    elif engine.is_main and cfg.train.overwrite:
+        for sub in ("checkpoints", "tensorboard"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    engine.barrier()
+    config_yaml = config_to_yaml(cfg)
+    logger = None
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        logger = MetricsLogger(run_dir, cfg.logging.tensorboard, resume_step=start if resume_from else None)
     ckpt_root = run_dir / "checkpoints"
+    seal_extra = {"config": config_to_dict(cfg), "vocab_size": vocab_size, "vocab_sha256": corpus.vocab.sha256()}
 
     def checkpoint(step: int) -> Path:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": rng_state(), "step": step, "data_position": {"step": step},
-                 "config": config_to_dict(cfg), "vocab_size": vocab_size, "vocab_sha256": corpus.vocab.sha256()}
-        return save_checkpoint(ckpt_root, step, state, config_yaml, cfg.checkpoint.keep_last)
+        return save_checkpoint(ckpt_root, step, lambda d: engine.write_rank_files(d, step),
+                               {**engine.seal(), **seal_extra}, config_yaml, cfg.checkpoint.keep_last,
+                               engine.is_main, engine.barrier)
 
-    def evaluate() -> dict:
-        return evaluate_lm(model, corpus.valid, cfg.data.batch_size, cfg.data.seq_len, cfg.train.eval_batches,
-                           device, cfg.train.dtype)
+    def log(step: int, row: dict) -> None:
+        if logger is not None:
+            logger.log(step, row)
 
-    tc, B, S = cfg.train, cfg.data.batch_size, cfg.data.seq_len
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    bar = _progress(start, tc.max_steps, tc.progress)
+    tc, B, S, G = cfg.train, cfg.data.batch_size, cfg.data.seq_len, cfg.train.grad_accum_steps
+    bar = _progress(start, tc.max_steps, tc.progress and engine.is_main)
     last_log_time, tokens_since = time.perf_counter(), 0
     last_ckpt = latest_checkpoint(ckpt_root)
-    model.train()
-    final = {}
+    final: dict = {}
     try:
         for step in range(start, tc.max_steps):
             done = step + 1
             log_now = done % cfg.logging.log_every == 0 or done == tc.max_steps
-            x, y = train_batch(corpus.train, step, B, S, tc.seed)
-            x, y = x.to(device), y.to(device)
-            with autocast_ctx(device, tc.dtype):
-                out = model(x, y, collect_stats=log_now and cfg.logging.moe_stats)
-            loss = out.loss + out.aux_loss
-            if not torch.isfinite(loss):
+            micro = [train_batch(corpus.train, step * G + m, B, S, tc.seed, engine.rank, engine.world_size)
+                     for m in range(G)]
+            try:
+                res = engine.train_step(micro, collect_stats=log_now and cfg.logging.moe_stats)
+            except NonFiniteLoss as exc:
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
                 raise NonFiniteLoss(
-                    f"loss became {float(loss)} at step {done}; stopped without saving ({where}); "
+                    f"{exc} at step {done}; stopped before updating the weights ({where}); "
                     "try a lower optim.lr or optim.grad_clip>0, then train.resume=true"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            opt.step()
-            sched.step()
-            tokens_since += B * S
+                ) from None
+            tokens_since += B * S * G * engine.world_size
             if log_now:
                 now = time.perf_counter()
                 tok_s = tokens_since / max(now - last_log_time, 1e-9)
                 last_log_time, tokens_since = now, 0
-                row = step_scalars(float(out.loss), float(out.aux_loss), sched.get_last_lr()[0], tok_s, gnorm, out.stats)
-                logger.log(done, row)
+                row = step_scalars(res, engine.lr(), tok_s)
+                log(done, row)
                 final["train_loss"] = row["loss"]
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
-                ev = evaluate()
-                logger.log(done, {"val.loss": ev["loss"], "val.ppl": ev["ppl"]})
+                ev = engine.evaluate(corpus.valid, B, S, tc.eval_batches)
+                log(done, {"val.loss": ev["loss"], "val.ppl": ev["ppl"]})
             if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done != tc.max_steps:
                 last_ckpt = checkpoint(done)
             bar.update(1)
-        ev = evaluate()
-        logger.log(tc.max_steps, {"val.loss": ev["loss"], "val.ppl": ev["ppl"]})
+        ev = engine.evaluate(corpus.valid, B, S, tc.eval_batches)
+        log(tc.max_steps, {"val.loss": ev["loss"], "val.ppl": ev["ppl"]})
         last_ckpt = checkpoint(tc.max_steps)
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     final.update({"val_loss": ev["loss"], "val_ppl": ev["ppl"], "run_dir": str(run_dir),
                   "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),
-                  "checkpoint": str(last_ckpt)})
+                  "checkpoint": str(last_ckpt), "rank": engine.rank, "world_size": engine.world_size})
     return final
 
 
@@ -229,3 +260,6 @@ def _progress(start: int, total: int, enabled: bool):
 
     return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", file=sys.stderr,
                 dynamic_ncols=True)
+
+
+__all__ = ["run", "TrainError", "NonFiniteLoss", "CheckpointError", "build_model", "pick_device", "rng_state"]

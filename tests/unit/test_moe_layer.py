@@ -260,3 +260,17 @@ def test_layer_stats_are_detached_python_values():
     assert all(type(v) is int for v in s.tokens_per_expert + s.routed_per_expert + s.selection_by_norm)
     p = torch.softmax(torch.tensor(CAP_X), -1)
     assert s.router_entropy == pytest.approx(-(p * p.log()).sum(-1).mean().item(), rel=1e-6)
+
+
+def test_layer_bench_smoke():
+    import argparse
+
+    from msmoe_dist.bench.layer import add_layer_args, run_layer_bench
+
+    args = add_layer_args(argparse.ArgumentParser()).parse_args(
+        "--tokens 64 --d-model 16 --ffn 32 --experts 4 --top-k 2 --repeats 2 --warmup 1".split()
+    )
+    r = run_layer_bench(args)
+    assert r["shapes"]["rows_per_expert"] == 32 and r["floor_ms"] == min(r["floor_bmm_ms"], r["floor_loop_ms"])
+    assert r["ratio"] == pytest.approx(r["ours_ms"] / r["floor_ms"], rel=1e-2)
+    assert {"machine", "date", "ours_ms"} <= set(r)

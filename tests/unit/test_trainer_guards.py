@@ -7,7 +7,7 @@ import torch
 
 from msmoe_dist.config import load_config
 from msmoe_dist.train import trainer
-from msmoe_dist.train.checkpoint import latest_checkpoint, load_state
+from msmoe_dist.train.checkpoint import latest_checkpoint, read_seal, torch_load
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -22,8 +22,8 @@ def tiny_cfg(tmp_path, *extra):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real_build = trainer.build_model
 
-    def poisoned(cfg, vocab_size):
-        model = real_build(cfg, vocab_size)
+    def poisoned(cfg, vocab_size, dispatcher=None):
+        model = real_build(cfg, vocab_size, dispatcher)
         calls = {"n": 0}
         orig_forward = model.forward
 
@@ -43,14 +43,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         trainer.run(cfg)
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt.name == "step_00000004"
-    state = load_state(ckpt)
-    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    state = torch_load(ckpt / "state.pt")
+    assert state["step"] == 4 and read_seal(ckpt)["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
 
 
 def test_ep_size_above_one_is_refused_on_one_process(tmp_path):
-    with pytest.raises(trainer.TrainError, match="parallel.ep_size=2"):
+    with pytest.raises(trainer.TrainError, match="parallel.ep_size=2 needs several processes"):
         trainer.run(tiny_cfg(tmp_path, "parallel.ep_size=2"))
 
 
