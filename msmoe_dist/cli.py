@@ -67,6 +67,8 @@ def train_main(argv: list[str] | None = None) -> int:
         sys.exit(_fail("msmoe-train", exc))
     except NonFiniteLoss as exc:
         sys.exit(_fail("msmoe-train", exc, EXIT_NONFINITE))
+    if summary.get("rank", 0) != 0:
+        return 0
     print(
         f"done: train loss {summary.get('train_loss', float('nan')):.4f}, valid ppl {summary['val_ppl']:.2f}\n"
         f"  run directory: {summary['run_dir']}\n  metrics:       {summary['metrics']}\n"

@@ -60,7 +60,15 @@ class MoELayer(nn.Module):
             y_RD = self.experts(x_RD, tokens_per_expert)
         else:
             y_RD = self.experts.forward_loop(x_RD, tokens_per_expert)
-        out_TD = self.dispatcher.combine(y_RD, state)
-
-        stats = compute_stats(routing, state, y_RD) if collect_stats else None
+        stats = None
+        combine_rows = getattr(self.dispatcher, "combine_rows", None)
+        if collect_stats and combine_rows is not None:
+            # Expert parallel: y_RD holds other ranks' tokens; statistics describe this rank's
+            # tokens, so take the rows after they came home.
+            out_TD, y_home_RD = combine_rows(y_RD, state)
+            stats = compute_stats(routing, state.home, y_home_RD)
+        else:
+            out_TD = self.dispatcher.combine(y_RD, state)
+            if collect_stats:
+                stats = compute_stats(routing, state, y_RD)
         return MoEOutput(out=out_TD.to(x.dtype).view(x.shape), aux_loss=routing.aux_loss, stats=stats)

@@ -17,12 +17,13 @@ import traceback
 import torch.multiprocessing as mp
 
 
-def _worker(fn, rank, world_size, init_file, q, args, collective_timeout_s):
+def _worker(fn, rank, world_size, init_file, q, args, collective_timeout_s, master_port):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N ranks share 2 cores
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master_port})
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout_s))
@@ -35,12 +36,21 @@ def _worker(fn, rank, world_size, init_file, q, args, collective_timeout_s):
             dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 180.0, collective_timeout_s: float = 60.0):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, q, args, collective_timeout_s))
+        port = str(_free_port())  # only read by libraries that want MASTER_*; the store is the file
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, q, args, collective_timeout_s, port))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -59,7 +59,7 @@ def _layer_cases(rank, world, ep_size, groups, lay):
         ep = MoELayer(D, cfg, dispatcher=dispatcher)
         ep.load_state_dict(shard_expert_state(ref.state_dict(), lay.ep_rank(rank), ep_size))
         x = xs[rank].clone().requires_grad_()
-        out = ep(x)
+        out = ep(x, collect_stats=True)
         (out.out * gs[rank]).sum().backward()
         # reference: mine alone, then the sum over my EP group
         ref_group = {}
@@ -75,6 +75,10 @@ def _layer_cases(rank, world, ep_size, groups, lay):
                 mine, ref_out, ref_xgrad = g, ro.out.detach(), xr.grad
         label = f"layer top_k={top_k} cf={cf} dead={dead}"
         torch.testing.assert_close(out.out, ref_out, **TOL, msg=lambda m: f"{label} out: {m}")
+        ref_stats = ref(xs[rank], collect_stats=True).stats
+        assert out.stats.routed_per_expert == ref_stats.routed_per_expert, label
+        assert out.stats.num_dropped == ref_stats.num_dropped, label
+        torch.testing.assert_close(torch.tensor(out.stats.expert_out_norm), torch.tensor(ref_stats.expert_out_norm), **TOL)
         torch.testing.assert_close(x.grad, ref_xgrad, **TOL, msg=lambda m: f"{label} x.grad: {m}")
         _check_grads(ep, mine, ref_group, lay, rank, label)
         results.append(label)
