@@ -23,13 +23,37 @@ def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drops the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK is in the environment too)."""
+    import os
+
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        for flag in ("--local_rank", "--local-rank"):
+            if arg == flag and i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                skip = True
+                break
+            if arg.startswith(flag + "="):
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+                break
+        else:
+            out.append(arg)
+    return out
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from msmoe_dist.config.loader import ConfigError
     from msmoe_dist.data.errors import DataError
     from msmoe_dist.train.checkpoint import CheckpointError
+    from msmoe_dist.parallel.layout import LayoutError
+    from msmoe_dist.train.ds_config import DeepSpeedConfigError
     from msmoe_dist.train.trainer import TrainError
 
-    return ConfigError, DataError, CheckpointError, TrainError
+    return ConfigError, DataError, CheckpointError, TrainError, LayoutError, DeepSpeedConfigError
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -49,7 +73,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    args = build_train_parser().parse_args(argv)
+    args = build_train_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     from msmoe_dist.config.loader import ConfigError, config_to_yaml, load_config
 
     try:
@@ -114,10 +138,11 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     commands = {"train": train_main, "eval": eval_main, "bench": bench_main}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+    argv = strip_launcher_args(sys.argv[1:])
+    if not argv or argv[0] not in commands:
         print("usage: python -m msmoe_dist.cli {train,eval,bench} [args...]", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    sys.exit(commands[sys.argv[1]](sys.argv[2:]))
+    sys.exit(commands[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

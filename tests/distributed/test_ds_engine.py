@@ -42,10 +42,10 @@ def _engine(cfg, rank, world, init=None):
 STREAM = torch.randint(0, V, (5000,), generator=torch.Generator().manual_seed(0))
 
 
-def _norm_worker(rank, world, ep, stage):
-    cfg = _cfg(f"parallel.ep_size={ep}", f"parallel.zero_stage={stage}")
+def _norm_worker(rank, world, ep, stage, gas):
+    cfg = _cfg(f"parallel.ep_size={ep}", f"parallel.zero_stage={stage}", f"train.grad_accum_steps={gas}")
     eng = _engine(cfg, rank, world)
-    micro = [train_batch(STREAM, 0, B, S, 0, rank, world)]
+    micro = [train_batch(STREAM, m, B, S, 0, rank, world) for m in range(gas)]
     res = eng.train_step(micro, collect_stats=False)
     # single process, all experts, the global batch (every rank's micro-batch)
     torch.manual_seed(cfg.train.seed)
@@ -53,10 +53,11 @@ def _norm_worker(rank, world, ep, stage):
     before = {n: p.detach().clone() for n, p in ref.named_parameters()}
     losses = []
     for r in range(world):
-        x, y = train_batch(STREAM, 0, B, S, 0, r, world)
-        out = ref(x, y)
-        losses.append(out.loss + out.aux_loss)
-    (sum(losses) / world).backward()
+        for m in range(gas):
+            x, y = train_batch(STREAM, m, B, S, 0, r, world)
+            out = ref(x, y)
+            losses.append(out.loss + out.aux_loss)
+    (sum(losses) / len(losses)).backward()  # the mean over the global batch
     ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optim.grad_clip))
     assert abs(res.grad_norm - ref_norm) <= 1e-5 * ref_norm, (res.grad_norm, ref_norm)
     assert ref_norm > cfg.optim.grad_clip  # clipping was active
@@ -70,9 +71,9 @@ def _norm_worker(rank, world, ep, stage):
     return res.grad_norm
 
 
-@pytest.mark.parametrize("world,ep,stage", [(2, 2, 0), (2, 2, 2), (4, 2, 1)])
-def test_global_grad_norm_and_update_equal_single_process(world, ep, stage):
-    norms = run_distributed(_norm_worker, world, ep, stage, timeout_s=300)
+@pytest.mark.parametrize("world,ep,stage,gas", [(2, 2, 0, 1), (2, 2, 2, 1), (4, 2, 1, 1), (2, 2, 2, 2)])
+def test_global_grad_norm_and_update_equal_single_process(world, ep, stage, gas):
+    norms = run_distributed(_norm_worker, world, ep, stage, gas, timeout_s=300)
     assert len(set(norms)) == 1  # every rank reports the same global norm
 
 

@@ -47,3 +47,34 @@ def test_zero2_bf16_two_ranks_resume_is_bit_exact(tmp_path):
                          "--batches", "2", "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 8
+
+
+def _small(tmp_path, run):
+    return ["--config", "configs/quickstart.yaml", f"train.run_dir={tmp_path / run}", f"data.path={tmp_path / 'data'}",
+            "data.synthetic_lines=1500", "model.num_layers=2", "train.max_steps=3", "train.progress=false",
+            "train.eval_batches=2"]
+
+
+def test_deepspeed_launcher_and_plain_python(tmp_path):
+    # the deepspeed launcher (it appends --local_rank=N, which the CLI accepts)
+    ds = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                         str(_free_port()), "--module", "msmoe_dist.cli", "train", *_small(tmp_path, "ds"),
+                         "parallel.ep_size=2", "parallel.zero_stage=1"],
+                        cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert ds.returncode == 0, ds.stdout[-3000:] + ds.stderr[-3000:]
+    seal = json.loads((tmp_path / "ds" / "checkpoints" / "step_00000003" / "complete.json").read_text())
+    assert (seal["engine"], seal["world_size"], seal["ep_size"]) == ("deepspeed", 2, 2)
+    # plain python, world size 1, DeepSpeed engine
+    one = subprocess.run([sys.executable, "-m", "msmoe_dist.cli", "train", *_small(tmp_path, "one"),
+                          "parallel.engine=deepspeed"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    seal = json.loads((tmp_path / "one" / "checkpoints" / "step_00000003" / "complete.json").read_text())
+    assert (seal["engine"], seal["world_size"]) == ("deepspeed", 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
