@@ -44,6 +44,15 @@ def test_quickstart_trains_writes_files_and_evaluates(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val.ppl" in r for r in rows) and any("moe.layer0.load_imbalance" in r for r in rows)
     assert any("momentum.layer1.norm" in r for r in rows)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("loss", "ppl", "lr", "tokens_per_s", "aux_loss", "grad_norm", "moe/layer0/load_imbalance",
+                "moe/layer0/drop_fraction", "moe/layer3/router_entropy", "momentum/layer2/norm", "val/ppl"):
+        assert tag in tags, (tag, sorted(tags))
+    assert [e.step for e in acc.Scalars("loss")] == list(range(5, 61, 5))
 
     ev = cli("eval", "--checkpoint", str(run_dir), "--batches", "3", "--device", "cpu")
     assert ev.returncode == 0, ev.stderr[-2000:]
