@@ -13,6 +13,7 @@ import sys
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_COLLECTIVE = 4
 
 
 def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
@@ -83,6 +84,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    from msmoe_dist.parallel.collectives import CollectiveError
     from msmoe_dist.train.trainer import NonFiniteLoss, run
 
     try:
@@ -91,6 +93,8 @@ def train_main(argv: list[str] | None = None) -> int:
         sys.exit(_fail("msmoe-train", exc))
     except NonFiniteLoss as exc:
         sys.exit(_fail("msmoe-train", exc, EXIT_NONFINITE))
+    except CollectiveError as exc:
+        sys.exit(_fail("msmoe-train", exc, EXIT_COLLECTIVE))
     if summary.get("rank", 0) != 0:
         return 0
     print(

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from msmoe_dist.moe.dispatcher import DispatchState, LocalDispatcher, permute, unpermute
 from msmoe_dist.moe.router import Routing
+from msmoe_dist.parallel.collectives import named_collective
 
 
 class _AllToAll(torch.autograd.Function):
@@ -36,13 +37,15 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, out_splits, in_splits, group):
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        with named_collective("all_to_all (MoE token exchange, forward)"):
+            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         back = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        with named_collective("all_to_all (MoE token exchange, backward)"):
+            dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
         return back, None, None, None
 
 
@@ -83,7 +86,8 @@ class AllToAllDispatcher:
         """counts_E[e]: rows this rank sends to expert e. Returns counts_PL[p, l]: rows from rank p for
         local expert l. This is a device-to-host sync: the splits must be known on the host."""
         recv = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv, counts_E, group=self.group)
+        with named_collective("all_to_all (MoE token counts)"):
+            dist.all_to_all_single(recv, counts_E, group=self.group)
         return recv.view(self.ep_size, self.num_local_experts)
 
     def _send(self, x: Tensor, out_splits: list[int], in_splits: list[int]) -> Tensor:

@@ -48,15 +48,21 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> No
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def build_process_groups(layout: ParallelLayout, rank: int) -> ProcessGroups:
-    """Creates every EP and EDP group (all ranks must call this, in the same order)."""
+def build_process_groups(layout: ParallelLayout, rank: int, timeout_s: float = 300.0) -> ProcessGroups:
+    """Creates every EP and EDP group (all ranks must call this, in the same order).
+
+    The timeout is passed explicitly: torch's new_group does not inherit the default group's
+    timeout but falls back to the backend default (30 minutes), which would let a hung peer
+    stall an all-to-all for half an hour.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
     ep_mine = edp_mine = None
     for ranks in layout.ep_groups():
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             ep_mine = g
     for ranks in layout.edp_groups():
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             edp_mine = g
     return ProcessGroups(layout=layout, rank=rank, dp=dist.group.WORLD, ep=ep_mine, edp=edp_mine)

@@ -29,6 +29,7 @@ from msmoe_dist.config.schema import Config
 from msmoe_dist.data import eval_batches
 from msmoe_dist.moe import LocalDispatcher
 from msmoe_dist.parallel import AllToAllDispatcher, ProcessGroups, is_expert_key, shard_expert_state
+from msmoe_dist.parallel.collectives import named_collective
 from msmoe_dist.train.checkpoint import CheckpointError, torch_load
 from msmoe_dist.train.ds_config import build_ds_config
 from msmoe_dist.train.engine_base import NonFiniteLoss, StepResult, rng_state, set_rng_state
@@ -113,11 +114,13 @@ class DeepSpeedEngine:
 
     # ---- collectives --------------------------------------------------------------------------
     def barrier(self) -> None:
-        dist.barrier()
+        with named_collective("barrier"):
+            dist.barrier()
 
     def _all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
+        with named_collective("all_reduce (loss / evaluation sums)"):
+            dist.all_reduce(t)
         return t.tolist()
 
     def _stage0_norm_and_clip(self) -> float:
