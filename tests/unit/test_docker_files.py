@@ -1,0 +1,40 @@
+"""Static checks of the Docker files (no Docker engine runs on the development machine)."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_install_command():
+    m = re.search(r'pip install -e "\.\[dev\]"', (ROOT / "README.md").read_text())
+    assert m, "README no longer shows the install command"
+    return m.group(0)
+
+
+def test_dockerfile_uses_official_pytorch_cuda_image_and_readme_install():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
+    assert base.startswith("pytorch/pytorch:") and "cuda" in base and "devel" in base
+    run_lines = " ".join(re.findall(r"^RUN (.+)$", text, re.M))
+    assert readme_install_command() in run_lines and "python3 -m venv" in run_lines
+    for copied in re.findall(r"^COPY (\S+) ", text, re.M):
+        for part in copied.split():
+            assert (ROOT / part).exists(), f"Dockerfile copies {part}, which is not in the repository"
+
+
+def test_compose_describes_a_two_node_job():
+    spec = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    nodes = spec["services"]
+    assert set(nodes) == {"node0", "node1"}
+    ranks = sorted(n["environment"]["NODE_RANK"] for n in nodes.values())
+    assert ranks == ["0", "1"]
+    for svc in nodes.values():
+        env = svc["environment"]
+        assert env["NNODES"] == "2" and env["RDZV_ENDPOINT"] == "node0:29500"
+        assert svc["build"]["dockerfile"] == "docker/Dockerfile"
+        script = svc["command"].split()[0]
+        assert (ROOT / script).is_file()
+        assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
