@@ -14,6 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_layer_args(sub.add_parser("layer", help="MoE layer forward+backward vs the expert-GEMM floor"))
     add_model_args(sub.add_parser("model", help="training-step time of MomentumSMoE/AdamSMoE/Robust vs SMoE"))
+    from msmoe_dist.bench.prepare import add_prepare_args
+
+    add_prepare_args(sub.add_parser("prepare", help="msmoe-prepare on a synthetic WikiText-103-sized corpus"))
+    from msmoe_dist.bench.ep_step import add_step_args
+    from msmoe_dist.bench.sweep import add_sweep_args
+
+    add_step_args(sub.add_parser("step", help="one expert-parallel LM training step (run under torchrun)"))
+    add_sweep_args(sub.add_parser("sweep", help="grid of torchrun launches of `step`; JSON and PNG curves"))
     return parser
 
 
@@ -32,6 +40,24 @@ def _print_table(result: dict) -> None:
 
 def bench_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "prepare":
+        from msmoe_dist.bench.prepare import run_prepare_bench
+
+        print(json.dumps(run_prepare_bench(args)))
+        return 0
+    if args.command in ("step", "sweep"):
+        if args.command == "step":
+            from msmoe_dist.bench.ep_step import run_step_bench
+
+            result = run_step_bench(args)
+            if result is None:  # ranks other than 0 print nothing
+                return 0
+        else:
+            from msmoe_dist.bench.sweep import run_sweep
+
+            result = run_sweep(args)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
     if args.command == "layer":
         from msmoe_dist.bench.layer import run_layer_bench
 

@@ -19,6 +19,7 @@ again on the way home.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,20 @@ from msmoe_dist.moe.router import Routing
 from msmoe_dist.parallel.collectives import named_collective
 
 
+class CommTimer:
+    """Wall time spent inside the MoE all-to-alls of this process (forward and backward), for the
+    benchmarks' 'all-to-all share of step time'. Reset it, run steps, read `.seconds`."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+
+COMM_TIMER = CommTimer()
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with autograd: the backward is the reverse all-to-all."""
 
@@ -37,15 +52,19 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, out_splits, in_splits, group):
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        t0 = time.perf_counter()
         with named_collective("all_to_all (MoE token exchange, forward)"):
             dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        COMM_TIMER.seconds += time.perf_counter() - t0
         return out
 
     @staticmethod
     def backward(ctx, grad):
         back = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
+        t0 = time.perf_counter()
         with named_collective("all_to_all (MoE token exchange, backward)"):
             dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        COMM_TIMER.seconds += time.perf_counter() - t0
         return back, None, None, None
 
 
@@ -86,8 +105,10 @@ class AllToAllDispatcher:
         """counts_E[e]: rows this rank sends to expert e. Returns counts_PL[p, l]: rows from rank p for
         local expert l. This is a device-to-host sync: the splits must be known on the host."""
         recv = torch.empty_like(counts_E)
+        t0 = time.perf_counter()
         with named_collective("all_to_all (MoE token counts)"):
             dist.all_to_all_single(recv, counts_E, group=self.group)
+        COMM_TIMER.seconds += time.perf_counter() - t0
         return recv.view(self.ep_size, self.num_local_experts)
 
     def _send(self, x: Tensor, out_splits: list[int], in_splits: list[int]) -> Tensor:
