@@ -38,7 +38,7 @@ def train_args(tmp_path, run, *extra):
     return ["-m", "msmoe_dist.cli", "train", "--config", "configs/quickstart.yaml", f"train.run_dir={tmp_path / run}",
             f"data.path={tmp_path / 'data'}", "data.synthetic_lines=1500", "model.num_layers=2",
             "parallel.ep_size=2", "parallel.zero_stage=1", "train.progress=false", "logging.log_every=1",
-            "train.eval_batches=2", "optim.schedule=constant", "model.dropout=0.1", "parallel.timeout_s=60", *extra]
+            "train.eval_batches=2", "optim.schedule=constant", "model.dropout=0.1", "parallel.timeout_s=180", *extra]
 
 
 def trace(run_dir):

@@ -21,7 +21,7 @@ def torchrun(tmp_path, run, *extra, timeout=400):
            f"train.run_dir={tmp_path / run}", f"data.path={tmp_path / 'data'}", "data.synthetic_lines=1500",
            "model.num_layers=2", "parallel.ep_size=2", "parallel.zero_stage=2", "train.dtype=bf16",
            "train.progress=false", "logging.log_every=1", "train.eval_batches=2", "optim.schedule=constant",
-           "model.dropout=0.1", "checkpoint.every_steps=4", "parallel.timeout_s=120", *extra]
+           "model.dropout=0.1", "checkpoint.every_steps=4", "parallel.timeout_s=180", *extra]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
