@@ -1,8 +1,8 @@
-"""Command-line entry points: msmoe-train, msmoe-eval, msmoe-bench.
+"""Command-line entry points: msmoe-train, msmoe-eval, msmoe-prepare, msmoe-bench.
 
 User mistakes (bad config, missing data, unusable checkpoint) end with one line on stderr
 and exit code 2, never a traceback. A run stopped by a NaN/Inf loss exits with code 3.
-Also runnable as `python -m msmoe_dist.cli {train,eval,bench} ...`.
+Also runnable as `python -m msmoe_dist.cli {train,eval,prepare,bench} ...`.
 """
 
 from __future__ import annotations
@@ -119,6 +119,18 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=0, help="score at most N batches per split (0 = the whole stream)")
     parser.add_argument("--batch-size", type=int, default=0, help="sequences per batch (0 = the checkpoint's data.batch_size)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device to evaluate on")
+    parser.add_argument("--attack", action="store_true",
+                        help="also score an attacked copy of each split (the paper's robustness test): in every line "
+                        "each non-stopword word is replaced by AAA with probability --attack-rate, seeded per "
+                        "(--attack-seed, line index). Adds valid_attacked_ppl/test_attacked_ppl to the JSON and "
+                        "prints a clean/attacked table on stderr. AAA is out of the word vocabulary, so it reads "
+                        "as <unk>")
+    parser.add_argument("--attack-rate", type=float, default=0.025, metavar="P",
+                        help="probability that a non-stopword word is replaced (default 0.025)")
+    parser.add_argument("--attack-seed", type=int, default=0, metavar="N", help="seed of the attack (default 0)")
+    parser.add_argument("--text-path", metavar="DIR",
+                        help="--attack on a prepared corpus: read valid/test text from DIR instead of the directory "
+                        "recorded in its meta.json")
     return parser
 
 
@@ -130,7 +142,60 @@ def eval_main(argv: list[str] | None = None) -> int:
         result = evaluate_checkpoint(args)
     except _user_errors() as exc:
         sys.exit(_fail("msmoe-eval", exc))
+    if args.attack:
+        from msmoe_dist.eval.attack_eval import attack_table
+
+        print(attack_table(result), file=sys.stderr)
     print(json.dumps(result))
+    return 0
+
+
+def build_prepare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msmoe-prepare",
+        description="Tokenize a text corpus once into memory-mapped token-id files that training reads with "
+        "data.kind=prepared data.path=OUTPUT. Writes OUTPUT/<split>.bin (uint16 ids when the vocabulary has at "
+        "most 65,536 entries, else uint32), OUTPUT/vocab.json, OUTPUT/meta.json (header: format, dtype, "
+        "vocabulary sha256, token/line/<unk> counts) and, for sentencepiece, OUTPUT/tokenizer.model. The "
+        "vocabulary is built from the train split only. Streams the text: memory stays bounded.",
+    )
+    parser.add_argument("input", metavar="INPUT",
+                        help="corpus directory: train.txt/valid.txt/test.txt or wiki.{train,valid,test}.tokens")
+    parser.add_argument("output", metavar="OUTPUT", help="directory to write (created if missing)")
+    parser.add_argument("--splits", default="train,valid,test",
+                        help="comma-separated splits to write (default train,valid,test); train builds the "
+                        "vocabulary whether written or not")
+    parser.add_argument("--tokenizer", default="word", choices=("word", "sentencepiece"),
+                        help="word: whitespace words + <eos> per line (the reference); sentencepiece: train a "
+                        "model on the train split (default word). Training must use the same data.tokenizer")
+    parser.add_argument("--sp-vocab-size", type=int, default=32000, metavar="N",
+                        help="sentencepiece vocabulary size (default 32000; data.sp_vocab_size)")
+    parser.add_argument("--sp-model-type", default="unigram", choices=("unigram", "bpe", "char", "word"),
+                        help="sentencepiece model type (default unigram; data.sp_model_type)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a prepared corpus already in OUTPUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    args = build_prepare_parser().parse_args(argv)
+    from msmoe_dist.data import DataError, prepare_corpus
+
+    if args.sp_vocab_size < 3:
+        sys.exit(_fail("msmoe-prepare", DataError(f"--sp-vocab-size must be >= 3, got {args.sp_vocab_size}")))
+    try:
+        meta = prepare_corpus(args.input, args.output, [s.strip() for s in args.splits.split(",") if s.strip()],
+                              args.tokenizer, args.sp_vocab_size, args.sp_model_type, args.overwrite,
+                              progress=not args.no_progress)
+    except DataError as exc:
+        sys.exit(_fail("msmoe-prepare", exc))
+    except OSError as exc:  # a full disk or an unwritable output directory is the user's to fix
+        sys.exit(_fail("msmoe-prepare", DataError(f"cannot write {args.output}: {exc.strerror or exc}")))
+    counts = ", ".join(f"{s} {e['tokens']:,}" for s, e in meta["splits"].items())
+    print(f"prepared {args.output}: {counts} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) "
+          f"in {meta['seconds']:.1f} s\n  train with: data.kind=prepared data.path={args.output}"
+          + (f" data.tokenizer=sentencepiece data.sp_vocab_size={args.sp_vocab_size} "
+             f"data.sp_model_type={args.sp_model_type}" if args.tokenizer == "sentencepiece" else ""))
     return 0
 
 
@@ -141,10 +206,10 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    commands = {"train": train_main, "eval": eval_main, "bench": bench_main}
+    commands = {"train": train_main, "eval": eval_main, "prepare": prepare_main, "bench": bench_main}
     argv = strip_launcher_args(sys.argv[1:])
     if not argv or argv[0] not in commands:
-        print("usage: python -m msmoe_dist.cli {train,eval,bench} [args...]", file=sys.stderr)
+        print("usage: python -m msmoe_dist.cli {train,eval,prepare,bench} [args...]", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     sys.exit(commands[argv[0]](argv[1:]))
 

@@ -42,7 +42,8 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup
     """Runs each fn `warmup` times, then `repeats` rounds of all fns in turn; median ms per fn.
 
     Interleaving spreads machine noise (other processes, frequency changes) evenly over the
-    candidates instead of penalising whichever happened to run during a slow period.
+    candidates instead of penalising whichever happened to run during a slow period; rotating
+    the order each round removes the bias of a fixed position within the round.
     """
     device = torch.device(device)
     for _ in range(warmup):
@@ -50,8 +51,12 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup
             fn()
     _sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        # Rotate the order every round: whoever runs first (or right after a given other
+        # candidate) in a round gets a systematic advantage or penalty otherwise.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             fn()

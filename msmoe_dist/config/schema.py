@@ -41,8 +41,9 @@ class ModelConfig:
     layout: str = opt(
         "switch",
         "switch: an MoE layer in every block. glam: MoE blocks alternate with dense FFN blocks "
-        "(block 0 MoE, block 1 dense, ...); dense blocks pass the momentum state through unchanged.",
-        ("switch", "glam"),
+        "(block 0 MoE, block 1 dense, ...); dense blocks pass the momentum state through unchanged. "
+        "middle: one MoE block at index num_layers // 2, all others dense (the StableMoE paper's layout).",
+        ("switch", "glam", "middle"),
     )
     position: str = opt("learned", "Position encoding.", ("learned", "rotary"))
     tie_embeddings: bool = opt(True, "Share the token embedding with the output projection.")
@@ -79,6 +80,29 @@ class MoEConfig:
         "loop: per-expert Python loop over masks (slow reference kept for tests).",
         ("grouped", "loop"),
     )
+    router: str = opt(
+        "topk",
+        "topk: the linear top-k router above (gate, noise, balance/z losses). stablemoe: StableMoE's two-stage "
+        "router (arXiv 2204.08396): top-1 against learned expert centroids with a sigmoid gate and distillation "
+        "into a token-id router, which alone routes, frozen, from moe.stable_switch_step on. Needs moe.top_k=1 "
+        "and leaves gate, noisy_gating, balance_loss_coef and z_loss_coef unused (non-zero values are refused).",
+        ("topk", "stablemoe"),
+    )
+    stable_balance_coef: float = opt(
+        0.3, "stablemoe: weight alpha of the StableMoE balance loss in stage 1 (paper: 0.3); >= 0."
+    )
+    stable_distill_coef: float = opt(
+        0.3, "stablemoe: weight of the distillation cross-entropy in stage 1 (reference code: 0.3); > 0."
+    )
+    stable_distill_dim: int = opt(
+        50, "stablemoe: dimension of the distilled router's token-id embedding and centroids (paper: 50); >= 1."
+    )
+    stable_switch_step: int = opt(
+        100,
+        "stablemoe: first optimiser step (0-based) of stage 2, where routing comes from the frozen distilled "
+        "router. Paper: 10% of training, so set it to train.max_steps / 10 (the default is 10% of the default "
+        "train.max_steps); an absolute step, so the stage depends on the step alone and survives resumes; >= 0.",
+    )
 
 
 @dataclass
@@ -113,10 +137,32 @@ class DataConfig:
     kind: str = opt(
         "synthetic",
         "synthetic: a learnable corpus the project generates itself into data.path. "
-        "text: an existing directory with train/valid/test text in WikiText format.",
-        ("synthetic", "text"),
+        "text: an existing directory with train/valid/test text in WikiText format. "
+        "prepared: a directory written by msmoe-prepare (memory-mapped token ids + meta.json).",
+        ("synthetic", "text", "prepared"),
     )
-    path: str = opt("data_cache/synthetic", "Directory of the corpus (train.txt, valid.txt, test.txt or wiki.*.tokens).")
+    path: str = opt(
+        "data_cache/synthetic",
+        "Directory of the corpus (train.txt, valid.txt, test.txt or wiki.*.tokens; for kind=prepared the "
+        "msmoe-prepare output directory).",
+    )
+    tokenizer: str = opt(
+        "word",
+        "word: the reference's whitespace words + <eos> per line, vocabulary from the train split only "
+        "(valid/test words unseen in train become <unk>). sentencepiece: a model trained on the train split "
+        "(data.sp_vocab_size, data.sp_model_type). kind=prepared: must match what msmoe-prepare used.",
+        ("word", "sentencepiece"),
+    )
+    sp_vocab_size: int = opt(32000, "sentencepiece only: vocabulary size to train (a soft limit on small corpora).")
+    sp_model_type: str = opt("unigram", "sentencepiece only: model type.", ("unigram", "bpe", "char", "word"))
+    sampler: str = opt(
+        "random",
+        "random: step-seeded random windows. sequential: the reference's order; each data-parallel rank "
+        "reads its own contiguous shard of the training stream (world_size*batch_size contiguous lanes, step s "
+        "reads window s of each lane, wrapping at the end of an epoch). Both are pure functions of the step, "
+        "so a resumed run neither repeats nor skips a token.",
+        ("random", "sequential"),
+    )
     seq_len: int = opt(128, "Tokens per training/eval window; must be <= model.max_seq_len.")
     batch_size: int = opt(16, "Sequences per optimiser step (per data-parallel rank).")
     synthetic_lines: int = opt(20000, "synthetic only: number of generated training lines.")
@@ -142,7 +188,12 @@ class TrainConfig:
     run_dir: str = opt("runs/default", "Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/.")
     max_steps: int = opt(1000, "Optimiser steps to train for.")
     seed: int = opt(0, "Seed of model init, data order and dropout.")
-    resume: bool = opt(False, "Continue from the latest checkpoint in run_dir.")
+    resume: bool = opt(False, "Continue from the latest checkpoint in run_dir (an error if there is none).")
+    auto_resume: bool = opt(
+        False,
+        "Continue from the latest complete checkpoint if run_dir has one, else start fresh: for elastic "
+        "restarts (torchrun --max-restarts), where the same command is run again after a failure.",
+    )
     device: str = opt("auto", "auto picks cuda when available, else cpu.", ("auto", "cpu", "cuda"))
     dtype: str = opt(
         "fp32",
@@ -173,6 +224,15 @@ class LoggingConfig:
     log_every: int = opt(10, "Write metrics.jsonl / TensorBoard scalars every N steps.")
     tensorboard: bool = opt(True, "Write TensorBoard event files under run_dir/tensorboard.")
     moe_stats: bool = opt(True, "Log per-layer MoE statistics (imbalance, drops, entropy, momentum norms).")
+    fluct_every: int = opt(
+        0,
+        "Routing fluctuation (StableMoE paper): every N steps record the top-1 expert of a fixed set of "
+        "validation tokens at each MoE layer; at the end log each token's last fluctuation step and write "
+        "routing_fluctuation.png. 0 disables it. Any router.",
+    )
+    fluct_tokens: int = opt(
+        2048, "Routing fluctuation: how many leading validation tokens to track (cut into data.seq_len windows)."
+    )
 
 
 @dataclass

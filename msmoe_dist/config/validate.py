@@ -18,7 +18,9 @@ __all__ = ["validate", "ConfigError", "num_moe_layers"]
 
 
 def num_moe_layers(num_layers: int, layout: str) -> int:
-    """MoE blocks in the model: all of them for ``switch``; blocks 0, 2, 4, ... for ``glam``."""
+    """MoE blocks in the model: all of them for ``switch``; blocks 0, 2, 4, ... for ``glam``; one for ``middle``."""
+    if layout == "middle":
+        return 1
     return math.ceil(num_layers / 2) if layout == "glam" else num_layers
 
 
@@ -108,6 +110,19 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
             f"moe.renormalize=true needs moe.gate=softmax_topk, got moe.gate={get('moe.gate')} "
             "(whose top-k weights already sum to 1)",
         )
+    non_negative("moe.stable_balance_coef")
+    positive("moe.stable_distill_coef")
+    at_least("moe.stable_distill_dim", 1)
+    non_negative("moe.stable_switch_step")
+    if get("moe.router") == "stablemoe":
+        # StableMoE routes each token to exactly one expert; top_k also sizes the capacity, so a
+        # silently ignored top_k=2 would double every expert's capacity.
+        if top_k != 1:
+            fail(["moe.router", "moe.top_k"], f"moe.router=stablemoe routes top-1: expected moe.top_k=1, got {top_k}")
+        for key in ("moe.balance_loss_coef", "moe.z_loss_coef", "moe.noisy_gating"):
+            if get(key):
+                fail(["moe.router", key], f"{key}={show(get(key))} belongs to moe.router=topk; moe.router=stablemoe "
+                     "has its own balance loss (moe.stable_balance_coef): expected 0/false")
 
     # ---- momentum
     in_range("momentum.mu", 0, 1)
@@ -146,6 +161,7 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     positive("data.batch_size")
     positive("data.synthetic_lines")
     non_empty("data.path")
+    at_least("data.sp_vocab_size", 3)  # <unk> and <eos> are pieces too
 
     # ---- optim
     positive("optim.lr")
@@ -168,6 +184,8 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     non_negative("checkpoint.every_steps", " (0 = only at the end)")
     at_least("checkpoint.keep_last", 1)
     positive("logging.log_every")
+    non_negative("logging.fluct_every", " (0 = off)")
+    positive("logging.fluct_tokens")
 
     # ---- parallel
     at_least("parallel.ep_size", 1)

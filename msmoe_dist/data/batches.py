@@ -1,9 +1,20 @@
 """Training and evaluation batches cut from a 1-D token stream.
 
-Training windows are random, but their offsets are a pure function of (seed, step, rank):
-no sampler state, no epoch counter.  The data position of a run is therefore just its
-step, and a run resumed at step N reads exactly the windows an uninterrupted run would,
-whatever happened before (a different process, batches asked for in another order).
+Two training samplers (data.sampler), both without state: the windows of a step are a pure
+function of the step (and seed, rank), so the data position of a run is just its step, and a
+run resumed at step N reads exactly the windows an uninterrupted run would, whatever happened
+before (a different process, batches asked for in another order).
+
+- ``random`` (:func:`train_batch`): offsets drawn from a generator seeded by (seed, step, rank).
+- ``sequential`` (:func:`sequential_batch`): the reference's order.  The stream is cut into
+  world_size * batch_size contiguous lanes; rank r owns lanes r*B .. r*B+B-1 (one contiguous
+  shard of the stream), row b of its batch reads lane r*B+b, and step s reads the lane's
+  window s mod W (W windows per lane), wrapping to the lane's start at the end of an epoch.
+  Lanes overlap by one token so that their targets tile the stream: over one epoch every
+  token from index 1 to L*W*seq_len (L lanes) is a target exactly once.
+
+Streams may hold any integer dtype (the uint16/uint32 memory maps of a prepared corpus);
+only the cut windows are converted to int64, so a memory-mapped stream is never copied whole.
 
 Evaluation walks the stream in order with non-overlapping windows so that every token
 from index 1 to the end is a target exactly once; perplexity is then over the whole
@@ -69,8 +80,56 @@ def train_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, 
     # A window of seq_len + 1 tokens starting at s ends at s + seq_len, so s <= n - seq_len - 1.
     starts = torch.randint(0, n - seq_len, (batch_size,), generator=gen)
     index = (starts[:, None] + torch.arange(seq_len + 1)).to(stream.device)
-    windows = stream[index]
+    windows = stream[index].long()
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def sequential_layout(num_tokens: int, batch_size: int, seq_len: int, world_size: int) -> tuple[int, int]:
+    """(lane length, windows per lane) of the sequential sampler for a stream of ``num_tokens``.
+
+    A lane holds lane_len + 1 tokens starting at lane * lane_len (consecutive lanes share one
+    token), so lane_len = (num_tokens - 1) // lanes; a window takes seq_len targets, so
+    W = lane_len // seq_len and each lane's last lane_len mod seq_len targets are not read.
+    """
+    lanes = world_size * batch_size
+    lane_len = (num_tokens - 1) // lanes
+    windows = lane_len // seq_len
+    if windows < 1:
+        raise DataError(f"sequential batches: a stream of {num_tokens} tokens cut into world_size*batch_size = "
+                        f"{lanes} lanes leaves {lane_len} targets per lane, fewer than data.seq_len={seq_len}; "
+                        "expected a longer training split or a smaller batch/seq_len")
+    return lane_len, windows
+
+
+def sequential_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, rank: int = 0,
+                     world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s (inputs, targets) at ``step``: window step mod W of each of its B lanes, in order.
+
+    See the module docstring for the lane layout; both tensors are int64 [batch_size, seq_len].
+    """
+    _check_int("batch_size", batch_size)
+    _check_int("seq_len", seq_len)
+    _check_int("step", step, 0)
+    _check_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise DataError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
+    n = _check_stream(stream, seq_len + 1, f"sequential train batches of seq_len={seq_len}")
+    lane_len, windows = sequential_layout(n, batch_size, seq_len, world_size)
+    lanes = torch.arange(rank * batch_size, (rank + 1) * batch_size)
+    starts = lanes * lane_len + (step % windows) * seq_len
+    index = (starts[:, None] + torch.arange(seq_len + 1)).to(stream.device)
+    rows = stream[index].long()
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def training_batch(data_cfg, stream: torch.Tensor, index: int, seed: int, rank: int = 0,
+                   world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's one call: micro-batch ``index`` (step * grad_accum + micro) by ``data_cfg.sampler``."""
+    if data_cfg.sampler == "sequential":
+        return sequential_batch(stream, index, data_cfg.batch_size, data_cfg.seq_len, rank, world_size)
+    if data_cfg.sampler != "random":
+        raise DataError(f"data.sampler is {data_cfg.sampler!r}, expected 'random' or 'sequential'")
+    return train_batch(stream, index, data_cfg.batch_size, data_cfg.seq_len, seed, rank, world_size)
 
 
 def num_eval_batches(num_tokens: int, batch_size: int, seq_len: int) -> int:
@@ -104,10 +163,11 @@ def _eval_iter(stream, targets: int, batch_size: int, seq_len: int, max_batches:
         if max_batches and yielded >= max_batches:
             return
         rows = min(batch_size, full - first)
-        block = stream[first * seq_len: (first + rows) * seq_len + 1]
+        block = stream[first * seq_len: (first + rows) * seq_len + 1].long()
         yield block[:-1].reshape(rows, seq_len), block[1:].reshape(rows, seq_len)
         yielded += 1
     rest = targets - full * seq_len
     if rest and not (max_batches and yielded >= max_batches):
         start = full * seq_len
-        yield stream[start: start + rest].reshape(1, rest), stream[start + 1: start + rest + 1].reshape(1, rest)
+        block = stream[start: start + rest + 1].long()
+        yield block[:-1].reshape(1, rest), block[1:].reshape(1, rest)

@@ -7,6 +7,7 @@ import time
 
 from msmoe_dist.config.loader import config_from_dict
 from msmoe_dist.data import load_corpus
+from msmoe_dist.eval.attack_eval import attacked_scores
 from msmoe_dist.eval.evaluate import evaluate_lm
 from msmoe_dist.train.checkpoint import CheckpointError, resolve_checkpoint
 from msmoe_dist.train.trainer import build_model, pick_device
@@ -34,6 +35,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     model = build_model(cfg, saved["vocab_size"]).to(device)
     model.load_state_dict(weights)
+    # Evaluate as the training run did after its last step (0-based step saved["step"] - 1): this is
+    # what decides, e.g., which router StableMoE evaluates with.
+    model.set_step(max(int(saved["step"]) - 1, 0))
     batch_size = args.batch_size or cfg.data.batch_size
     result = {"checkpoint": str(step_dir), "step": saved["step"]}
     t0 = time.perf_counter()
@@ -41,6 +45,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         ev = evaluate_lm(model, getattr(corpus, split), batch_size, cfg.data.seq_len, args.batches, device,
                          "bf16" if cfg.train.dtype == "bf16" else "fp32")
         result.update({f"{split}_ppl": ev["ppl"], f"{split}_loss": ev["loss"], f"{split}_tokens": ev["tokens"]})
+        if getattr(args, "attack", False):
+            result.update(attacked_scores(model, corpus, split, args, batch_size, cfg.data.seq_len, device,
+                                          "bf16" if cfg.train.dtype == "bf16" else "fp32"))
     result["ppl"] = result.get("valid_ppl", result.get(f"{splits[0]}_ppl"))
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result

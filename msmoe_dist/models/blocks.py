@@ -35,7 +35,8 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_index: int | None, dispatcher=None):
+    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_index: int | None, dispatcher=None,
+                 vocab_size: int | None = None):
         super().__init__()
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
@@ -47,7 +48,7 @@ class Block(nn.Module):
         if moe_index is None:
             self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout)
         else:
-            self.moe = MoELayer(d, moe_cfg, dispatcher=dispatcher, init_std=mcfg.init_std)
+            self.moe = MoELayer(d, moe_cfg, dispatcher=dispatcher, init_std=mcfg.init_std, vocab_size=vocab_size)
             if not self.pre_ln:
                 self.moe_norm = nn.LayerNorm(d)  # the reference's inner LayerNorm
 
@@ -55,8 +56,9 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return self.moe_index is not None
 
-    def forward(self, x: Tensor, state: MomentumState, momentum: MomentumUpdate, collect_stats: bool = False):
-        """Returns (x, state, aux_loss or None, stats dict or None)."""
+    def forward(self, x: Tensor, state: MomentumState, momentum: MomentumUpdate, collect_stats: bool = False,
+                token_ids: Tensor | None = None):
+        """Returns (x, state, aux_loss or None, stats dict or None). token_ids [B, S]: for routers that use them."""
         if self.pre_ln:
             x = x + self.drop(self.attn(self.norm1(x)))
         else:
@@ -67,7 +69,7 @@ class Block(nn.Module):
             return self.norm2(x + self.drop(self.ffn(x))), state, None, None
 
         y = momentum.lookahead(x, state)
-        moe_out = self.moe(self.norm2(y) if self.pre_ln else y, collect_stats=collect_stats)
+        moe_out = self.moe(self.norm2(y) if self.pre_ln else y, collect_stats=collect_stats, token_ids=token_ids)
         u = self.drop(moe_out.out)
         d, state = momentum(u, state, self.moe_index)
         if self.pre_ln:

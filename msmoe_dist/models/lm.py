@@ -17,7 +17,9 @@ from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
 def moe_block_indices(num_layers: int, layout: str) -> list[int]:
-    """Which blocks hold an MoE layer: all (Switch) or 0, 2, 4, ... (GLaM)."""
+    """Which blocks hold an MoE layer: all (Switch), 0, 2, 4, ... (GLaM) or the middle one (StableMoE)."""
+    if layout == "middle":
+        return [num_layers // 2]
     return list(range(num_layers)) if layout == "switch" else list(range(0, num_layers, 2))
 
 
@@ -51,7 +53,7 @@ class MoELanguageModel(nn.Module):
             idx = None
             if i in moe_blocks:
                 idx, n_moe = n_moe, n_moe + 1
-            blocks.append(Block(mcfg, moe_cfg, idx, dispatcher=dispatcher))
+            blocks.append(Block(mcfg, moe_cfg, idx, dispatcher=dispatcher, vocab_size=vocab_size))
         self.blocks = nn.ModuleList(blocks)
         self.momentum = MomentumUpdate(mom_cfg, n_moe)
         # The reference's post-LN blocks end normalised; pre-LN needs a final LayerNorm.
@@ -72,6 +74,13 @@ class MoELanguageModel(nn.Module):
     def num_moe_layers(self) -> int:
         return self.momentum.num_moe_layers
 
+    def set_step(self, step: int) -> None:
+        """Tells step-dependent parts (StableMoE's two stages) the 0-based optimiser step about to be taken;
+        the trainer calls it before every step. Evaluation behaves as the last step set."""
+        for mod in self.modules():
+            if mod is not self and callable(getattr(mod, "set_step", None)):
+                mod.set_step(step)
+
     def forward(
         self,
         idx_BS: Tensor,
@@ -91,7 +100,7 @@ class MoELanguageModel(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         stats = [] if collect_stats else None
         for block in self.blocks:
-            x, state, layer_aux, layer_stats = block(x, state, self.momentum, collect_stats)
+            x, state, layer_aux, layer_stats = block(x, state, self.momentum, collect_stats, token_ids=idx_BS)
             if layer_aux is not None:
                 aux = aux + layer_aux
             if layer_stats is not None:

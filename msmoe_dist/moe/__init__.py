@@ -13,6 +13,7 @@ from msmoe_dist.moe.experts import ACTIVATIONS, Experts, grouped_mm_works  # noq
 from msmoe_dist.moe.layer import MoELayer, MoEOutput  # noqa: F401
 from msmoe_dist.moe.router import Router, Routing, router_z_loss, switch_balance_loss  # noqa: F401
 from msmoe_dist.moe.stats import MoEStats, compute_stats  # noqa: F401
+from msmoe_dist.moe.stablemoe import StableMoERouter, StableRouting, stable_balance_loss  # noqa: F401
 
 __all__ = [
     "ACTIVATIONS",
@@ -24,6 +25,8 @@ __all__ = [
     "MoEStats",
     "Router",
     "Routing",
+    "StableMoERouter",
+    "StableRouting",
     "capacity_keep",
     "compute_stats",
     "expert_capacity",
@@ -31,6 +34,7 @@ __all__ = [
     "permute",
     "router_z_loss",
     "sort_by_expert",
+    "stable_balance_loss",
     "switch_balance_loss",
     "unpermute",
 ]

@@ -16,6 +16,7 @@ from msmoe_dist.config.schema import MoEConfig
 from msmoe_dist.moe.dispatcher import LocalDispatcher, expert_capacity
 from msmoe_dist.moe.experts import Experts
 from msmoe_dist.moe.router import Router
+from msmoe_dist.moe.stablemoe import StableMoERouter
 from msmoe_dist.moe.stats import MoEStats, compute_stats
 
 
@@ -27,24 +28,34 @@ class MoEOutput:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher=None, init_std: float = 0.02):
+    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher=None, init_std: float = 0.02,
+                 vocab_size: int | None = None):
         super().__init__()
         if cfg.expert_impl not in ("grouped", "loop"):
             raise ValueError(f"unknown expert_impl {cfg.expert_impl!r}")
         self.d_model = d_model
         self.cfg = cfg
-        self.router = Router(d_model, cfg)
-        self.router.reset_parameters(init_std)
+        if cfg.router == "stablemoe":  # vocab_size: its distilled router embeds token ids
+            self.router = StableMoERouter(d_model, cfg, vocab_size)
+        elif cfg.router == "topk":
+            self.router = Router(d_model, cfg)
+            self.router.reset_parameters(init_std)
+        else:
+            raise ValueError(f"unknown router {cfg.router!r}")
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
         # An expert-parallel dispatcher owns only some experts; it says how many.
         num_local = getattr(self.dispatcher, "num_local_experts", cfg.num_experts)
         self.experts = Experts(num_local, d_model, cfg.expert_ffn_dim, cfg.activation, init_std)
 
-    def forward(self, x: Tensor, collect_stats: bool = False) -> MoEOutput:
+    def forward(self, x: Tensor, collect_stats: bool = False, token_ids: Tensor | None = None) -> MoEOutput:
+        """``token_ids``: the input ids of the tokens, shaped like x without its last dim (StableMoE routes by them)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"expected last dim {self.d_model}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.d_model)
-        routing = self.router(x_TD)
+        if isinstance(self.router, StableMoERouter):
+            routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        else:
+            routing = self.router(x_TD)
 
         # Cast before the gather, not after: under autocast the experts compute in the low
         # precision anyway, and this moves T rows instead of T*K (and halves what crosses

@@ -19,8 +19,9 @@ import torch
 
 from msmoe_dist.config.loader import config_to_dict, config_to_yaml
 from msmoe_dist.config.schema import Config
-from msmoe_dist.data import load_corpus, train_batch
+from msmoe_dist.data import load_corpus, training_batch
 from msmoe_dist.models import MoELanguageModel
+from msmoe_dist.moe.fluctuation import FluctuationRecorder
 from msmoe_dist.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -82,6 +83,8 @@ def find_resume_point(cfg: Config) -> Path | None:
         if latest is None:
             raise TrainError(f"train.resume=true but {run_dir / 'checkpoints'} holds no complete checkpoint "
                              "(check train.run_dir)")
+        return latest
+    if cfg.train.auto_resume:
         return latest
     if latest is not None and not cfg.train.overwrite:
         raise TrainError(
@@ -155,7 +158,8 @@ def make_engine(cfg: Config, vocab_size: int):
     except LayoutError as exc:
         raise TrainError(str(exc)) from exc
     init_for_deepspeed(cfg.parallel, cfg.train.device, local_rank)
-    return DeepSpeedEngine(cfg, build_model, vocab_size, build_process_groups(layout, rank), init)
+    pg = build_process_groups(layout, rank, cfg.parallel.timeout_s)
+    return DeepSpeedEngine(cfg, build_model, vocab_size, pg, init)
 
 
 def run(cfg: Config) -> dict:
@@ -196,6 +200,7 @@ def run(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
         logger = MetricsLogger(run_dir, cfg.logging.tensorboard, resume_step=start if resume_from else None)
+    fluct = FluctuationRecorder.from_config(cfg, corpus.valid, run_dir, engine.is_main, start if resume_from else None)
     ckpt_root = run_dir / "checkpoints"
     seal_extra = {"config": config_to_dict(cfg), "vocab_size": vocab_size, "vocab_sha256": corpus.vocab.sha256()}
 
@@ -217,8 +222,9 @@ def run(cfg: Config) -> dict:
         for step in range(start, tc.max_steps):
             done = step + 1
             log_now = done % cfg.logging.log_every == 0 or done == tc.max_steps
-            micro = [train_batch(corpus.train, step * G + m, B, S, tc.seed, engine.rank, engine.world_size)
+            micro = [training_batch(cfg.data, corpus.train, step * G + m, tc.seed, engine.rank, engine.world_size)
                      for m in range(G)]
+            engine.model.set_step(step)  # StableMoE's stage is a function of the step alone
             try:
                 res = engine.train_step(micro, collect_stats=log_now and cfg.logging.moe_stats)
             except NonFiniteLoss as exc:
@@ -236,6 +242,7 @@ def run(cfg: Config) -> dict:
                 log(done, row)
                 final["train_loss"] = row["loss"]
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+            fluct.maybe_record(done, engine.model)  # a forward on every rank when due, before any checkpoint
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
                 ev = engine.evaluate(corpus.valid, B, S, tc.eval_batches)
                 log(done, {"val.loss": ev["loss"], "val.ppl": ev["ppl"]})
@@ -244,6 +251,7 @@ def run(cfg: Config) -> dict:
             bar.update(1)
         ev = engine.evaluate(corpus.valid, B, S, tc.eval_batches)
         log(tc.max_steps, {"val.loss": ev["loss"], "val.ppl": ev["ppl"]})
+        fluct.finish(logger, f"routing fluctuation, moe.router={cfg.moe.router}")
         last_ckpt = checkpoint(tc.max_steps)
     finally:
         bar.close()

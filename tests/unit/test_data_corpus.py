@@ -11,6 +11,7 @@ import torch
 from msmoe_dist.config.schema import DataConfig
 from msmoe_dist.data import EOS, UNK, DataError, Vocab, find_split_files, iter_file_tokens, load_corpus, tokenize_line
 from msmoe_dist.data import corpus as corpus_mod
+from msmoe_dist.data.tokenizer import WordTokenizer
 
 WIKITEXT2 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2"
 
@@ -113,8 +114,8 @@ def test_load_synthetic_corpus_and_cache(tmp_path, monkeypatch):
     def no_encoding(*args, **kwargs):
         raise AssertionError("the second load should come from the cache")
 
-    monkeypatch.setattr(Vocab, "encode_file", no_encoding)
-    monkeypatch.setattr(corpus_mod, "iter_file_tokens", no_encoding)
+    monkeypatch.setattr(WordTokenizer, "encode_file", no_encoding)
+    monkeypatch.setattr(corpus_mod, "count_words", no_encoding)
     again = load_corpus(cfg, splits=("valid",))
     assert again.train is None and again.test is None and torch.equal(again.valid, corpus.valid)
     assert again.vocab == corpus.vocab

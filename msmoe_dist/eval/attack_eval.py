@@ -1,0 +1,49 @@
+"""msmoe-eval --attack: perplexity on word-attacked valid/test text (see msmoe_dist/data/attack.py).
+
+The attacked copy is made from the split's *text* (the attack is defined on words) and encoded
+with the corpus's own tokenizer, so the clean and attacked streams share ids.  Before scoring,
+the unmodified text is encoded too and must equal the clean stream being evaluated; otherwise
+the text is not the one the ids came from (an edited file, the wrong --text-path) and the two
+perplexities would not be comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from msmoe_dist.data import DataError, attack_lines
+from msmoe_dist.data.attack import read_lines
+from msmoe_dist.data.corpus import find_split_files
+from msmoe_dist.eval.evaluate import evaluate_lm
+
+
+def attacked_scores(model, corpus, split: str, args: argparse.Namespace, batch_size: int, seq_len: int, device,
+                    dtype: str) -> dict:
+    """``<split>_attacked_{ppl,loss,tokens}`` and the attack's counts for one split."""
+    text_path = getattr(args, "text_path", None)
+    text = find_split_files(text_path, (split,))[split] if text_path else corpus.text_file(split)
+    lines = read_lines(text)
+    clean = corpus.split(split)
+    if not torch.equal(torch.from_numpy(corpus.tokenizer.encode_lines(lines)), clean.long()):
+        raise DataError(f"{text} does not encode to the {split} ids being evaluated (edited, or another corpus); "
+                        "expected the text the corpus was built from (see --text-path)")
+    attacked, stats = attack_lines(lines, seed=args.attack_seed, rate=args.attack_rate)
+    stream = torch.from_numpy(corpus.tokenizer.encode_lines(attacked))
+    ev = evaluate_lm(model, stream, batch_size, seq_len, args.batches, device, dtype)
+    return {f"{split}_attacked_ppl": ev["ppl"], f"{split}_attacked_loss": ev["loss"],
+            f"{split}_attacked_tokens": ev["tokens"], f"{split}_attack_candidates": stats.candidates,
+            f"{split}_attack_replaced": stats.replaced}
+
+
+def attack_table(result: dict) -> str:
+    """Clean vs attacked perplexity per split, for stderr."""
+    rows = [("split", "clean ppl", "attacked ppl", "replaced words")]
+    for split in ("valid", "test"):
+        if f"{split}_attacked_ppl" in result:
+            rows.append((split, f"{result[f'{split}_ppl']:.2f}", f"{result[f'{split}_attacked_ppl']:.2f}",
+                         f"{result[f'{split}_attack_replaced']:,} / {result[f'{split}_attack_candidates']:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
