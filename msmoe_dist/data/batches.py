@@ -58,6 +58,16 @@ def window_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _check_batch_args(batch_size: int, seq_len: int, step: int, rank: int, world_size: int) -> None:
+    """The argument checks shared by both training samplers."""
+    _check_int("batch_size", batch_size)
+    _check_int("seq_len", seq_len)
+    _check_int("step", step, 0)
+    _check_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise DataError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
+
+
 def train_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int,
                 rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows: (inputs, targets), both [batch_size, seq_len], targets shifted by one.
@@ -66,12 +76,7 @@ def train_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, 
     resumed run matches an uninterrupted one.  world_size only validates rank.  The
     result lives on ``stream``'s device.
     """
-    _check_int("batch_size", batch_size)
-    _check_int("seq_len", seq_len)
-    _check_int("step", step, 0)
-    _check_int("world_size", world_size)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise DataError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
+    _check_batch_args(batch_size, seq_len, step, rank, world_size)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise DataError(f"seed must be an integer, got {seed!r}")
     n = _check_stream(stream, seq_len + 1, f"train batches of seq_len={seq_len}")
@@ -107,12 +112,7 @@ def sequential_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: 
 
     See the module docstring for the lane layout; both tensors are int64 [batch_size, seq_len].
     """
-    _check_int("batch_size", batch_size)
-    _check_int("seq_len", seq_len)
-    _check_int("step", step, 0)
-    _check_int("world_size", world_size)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise DataError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
+    _check_batch_args(batch_size, seq_len, step, rank, world_size)
     n = _check_stream(stream, seq_len + 1, f"sequential train batches of seq_len={seq_len}")
     lane_len, windows = sequential_layout(n, batch_size, seq_len, world_size)
     lanes = torch.arange(rank * batch_size, (rank + 1) * batch_size)
