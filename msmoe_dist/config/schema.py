@@ -25,6 +25,12 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None):
 
 @dataclass
 class ModelConfig:
+    kind: str = opt(
+        "lm",
+        "lm: decoder-only language model (data.kind synthetic/text/prepared). vit: V-MoE vision transformer "
+        "classifier (data.kind synthetic_images/imagenet); its image keys live in the vision section.",
+        ("lm", "vit"),
+    )
     vocab_size: int = opt(0, "Vocabulary size; 0 takes it from the data's vocabulary.")
     num_layers: int = opt(4, "Number of transformer blocks (attention + FFN/MoE each).")
     d_model: int = opt(128, "Hidden size of the residual stream.")
@@ -47,6 +53,27 @@ class ModelConfig:
     )
     position: str = opt("learned", "Position encoding.", ("learned", "rotary"))
     tie_embeddings: bool = opt(True, "Share the token embedding with the output projection.")
+    output_layer: str = opt(
+        "full",
+        "Output projection + cross-entropy. full: logits of every token at once (B*S*V floats, and as many "
+        "again for their gradient; 26 GB in fp32 for WikiText-103's 267,735 words at 48x512 tokens). "
+        "chunked: the same exact full-softmax loss over model.output_chunk_tokens tokens at a time, in forward "
+        "and backward (backward recomputes each chunk's logits); same weights and checkpoints as full. "
+        "adaptive: adaptive softmax (torch.nn.AdaptiveLogSoftmaxWithLoss) with clusters model.adaptive_cutoffs; "
+        "a different model with its own weights, for frequency-ordered ids; needs tie_embeddings=false.",
+        ("full", "chunked", "adaptive"),
+    )
+    output_chunk_tokens: int = opt(
+        1024, "output_layer=chunked: tokens whose logits exist at once (chunk x vocab floats); > 0."
+    )
+    adaptive_cutoffs: str = opt(
+        "20000,40000,200000",
+        "output_layer=adaptive: comma-separated, increasing cluster boundaries in token ids, each < the vocabulary "
+        "size: ids below the first form the head shortlist. Default: Transformer-XL's WikiText-103 cutoffs.",
+    )
+    adaptive_div_value: float = opt(
+        4.0, "output_layer=adaptive: tail cluster i projects to d_model // div_value**(i+1) dims; > 0."
+    )
     init_std: float = opt(0.02, "Std of the normal init of linear and embedding weights.")
 
 
@@ -69,10 +96,22 @@ class MoEConfig:
         0.0, "Switch auxiliary load-balancing loss coefficient; 0 disables it (what the reference runs used)."
     )
     z_loss_coef: float = opt(0.0, "Router z-loss coefficient (ST-MoE); 0 disables it.")
+    balance_loss: str = opt(
+        "switch",
+        "Which balance loss balance_loss_coef weighs. switch: E * sum_e f_e P_e (Switch Transformer). "
+        "vmoe: V-MoE's importance loss CV^2(sum_t softmax(clean logits)) plus, in training, its load loss "
+        "CV^2(mean_t P(expert e stays in the noisy top-k under re-sampled noise)); needs moe.noisy_gating=true.",
+        ("switch", "vmoe"),
+    )
     capacity_factor: float = opt(
         0.0,
         "0 = dropless. >0: each expert takes at most ceil(capacity_factor * tokens * top_k / num_experts) "
         "assignments; the overflow is dropped, contributes nothing, and is counted.",
+    )
+    eval_capacity_factor: float = opt(
+        -1.0,
+        "Capacity factor in evaluation (V-MoE trains at one capacity and evaluates at another): negative = "
+        "the same as capacity_factor, 0 = dropless, > 0 = that factor.",
     )
     expert_impl: str = opt(
         "grouped",
@@ -138,8 +177,10 @@ class DataConfig:
         "synthetic",
         "synthetic: a learnable corpus the project generates itself into data.path. "
         "text: an existing directory with train/valid/test text in WikiText format. "
-        "prepared: a directory written by msmoe-prepare (memory-mapped token ids + meta.json).",
-        ("synthetic", "text", "prepared"),
+        "prepared: a directory written by msmoe-prepare (memory-mapped token ids + meta.json). "
+        "synthetic_images: coloured-shape images the project generates into data.path in ImageNet layout "
+        "(model.kind=vit). imagenet: an existing folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG.",
+        ("synthetic", "text", "prepared", "synthetic_images", "imagenet"),
     )
     path: str = opt(
         "data_cache/synthetic",
@@ -167,6 +208,39 @@ class DataConfig:
     batch_size: int = opt(16, "Sequences per optimiser step (per data-parallel rank).")
     synthetic_lines: int = opt(20000, "synthetic only: number of generated training lines.")
     synthetic_seed: int = opt(1234, "synthetic only: seed of the corpus generator.")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = opt(224, "Side of the square model input in pixels; a multiple of vision.patch_size.")
+    patch_size: int = opt(32, "Side of the square patches embedded as tokens (ViT-S/32: 32).")
+    num_classes: int = opt(1000, "Classifier outputs (ImageNet-1K: 1000); >= the number of class folders.")
+    pooling: str = opt("cls", "cls: classify the class token. gap: global average pool of the patch tokens.",
+                       ("cls", "gap"))
+    moe_layout: str = opt(
+        "every",
+        "Which blocks hold an MoE layer instead of the dense MLP. every: every moe_every-th block "
+        "(blocks k-1, 2k-1, ...: V-MoE's 'every 2' puts them at 1, 3, 5, 7 of 8). last: the last moe_last blocks. "
+        "Dense blocks pass the momentum state through unchanged.",
+        ("every", "last"),
+    )
+    moe_every: int = opt(2, "moe_layout=every: the k of every k-th block; >= 1.")
+    moe_last: int = opt(2, "moe_layout=last: how many final blocks are MoE; 1 <= moe_last <= model.num_layers.")
+    random_resized_crop: bool = opt(
+        True, "Training: Inception-style random-resized crop (scale 0.08-1) + horizontal flip; false: resize + "
+        "centre crop as in evaluation."
+    )
+    randaugment_ops: int = opt(0, "Training: RandAugment operations per image; 0 disables RandAugment.")
+    randaugment_magnitude: int = opt(9, "Training: RandAugment magnitude, in [0, 30].")
+    mixup_alpha: float = opt(0.0, "Training: mixup Beta(alpha, alpha) on each batch; 0 disables mixup.")
+    eval_crop_ratio: float = opt(
+        0.875, "Evaluation: resize the short side to image_size / eval_crop_ratio, then centre-crop; in (0, 1]."
+    )
+    num_workers: int = opt(2, "DataLoader worker processes per rank for decoding images; 0 = in the main process.")
+    synthetic_classes: int = opt(10, "synthetic_images only: number of classes (shape x colour); 2..48.")
+    synthetic_train_per_class: int = opt(64, "synthetic_images only: training images per class.")
+    synthetic_val_per_class: int = opt(16, "synthetic_images only: validation images per class.")
+    synthetic_seed: int = opt(1234, "synthetic_images only: seed of the image generator.")
 
 
 @dataclass
@@ -260,6 +334,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -8,20 +8,32 @@ what was expected and what was got.  Checks that depend on the machine (is CUDA 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 from msmoe_dist.config.loader import ConfigError, all_keys, check_value, key_error, show
 from msmoe_dist.config.schema import Config
+from msmoe_dist.models.layouts import lm_moe_blocks, vit_moe_blocks
+from msmoe_dist.models.output import parse_cutoffs
 
 __all__ = ["validate", "ConfigError", "num_moe_layers"]
 
 
 def num_moe_layers(num_layers: int, layout: str) -> int:
-    """MoE blocks in the model: all of them for ``switch``; blocks 0, 2, 4, ... for ``glam``; one for ``middle``."""
-    if layout == "middle":
-        return 1
-    return math.ceil(num_layers / 2) if layout == "glam" else num_layers
+    """MoE blocks in the language model: all of them for ``switch``; 0, 2, 4, ... for ``glam``; one for ``middle``."""
+    return len(lm_moe_blocks(num_layers, layout))
+
+
+def _moe_layers_of(cfg: Config) -> tuple[int, list[str]]:
+    """How many MoE layers the configured model has, and the keys that decide it."""
+    m, v = cfg.model, cfg.vision
+    if m.kind == "vit":
+        return len(vit_moe_blocks(m.num_layers, v.moe_layout, v.moe_every, v.moe_last)), [
+            "model.num_layers", "vision.moe_layout", "vision.moe_every" if v.moe_layout == "every" else "vision.moe_last"]
+    return num_moe_layers(m.num_layers, m.layout), ["model.num_layers", "model.layout"]
+
+
+LM_DATA = ("synthetic", "text", "prepared")
+IMAGE_DATA = ("synthetic_images", "imagenet")
 
 
 def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
@@ -91,6 +103,25 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
         )
     in_range("model.dropout", 0, 1)
     positive("model.init_std")
+    positive("model.output_chunk_tokens")
+    positive("model.adaptive_div_value")
+    try:
+        cutoffs = parse_cutoffs(get("model.adaptive_cutoffs"))
+    except ValueError as exc:
+        fail("model.adaptive_cutoffs", str(exc))
+    vocab = get("model.vocab_size")
+    if get("model.output_layer") == "adaptive":
+        if get("model.tie_embeddings"):
+            fail(["model.output_layer", "model.tie_embeddings"],
+                 "model.output_layer=adaptive has no [vocab, d_model] output matrix to share with the token "
+                 "embedding: expected model.tie_embeddings=false (or model.output_layer=chunked)")
+        if vocab and cutoffs[-1] >= vocab:
+            fail(["model.adaptive_cutoffs", "model.vocab_size"],
+                 f"every cutoff must be < model.vocab_size={vocab}, got {cutoffs[-1]}")
+        if d_model // get("model.adaptive_div_value") ** len(cutoffs) < 1:
+            fail(["model.adaptive_div_value", "model.d_model", "model.adaptive_cutoffs"],
+                 f"the last tail cluster would project to d_model // div_value**{len(cutoffs)} = 0 dims "
+                 f"(model.d_model={d_model}); expected a smaller model.adaptive_div_value or fewer cutoffs")
 
     # ---- moe
     at_least("moe.num_experts", 1)
@@ -104,6 +135,9 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     positive("moe.noise_std")
     non_negative("moe.balance_loss_coef")
     non_negative("moe.z_loss_coef")
+    if get("moe.balance_loss") == "vmoe" and get("moe.balance_loss_coef") and not get("moe.noisy_gating"):
+        fail(["moe.balance_loss", "moe.noisy_gating"], "moe.balance_loss=vmoe needs moe.noisy_gating=true: its load "
+             "loss is the probability of staying in the top-k under re-drawn gating noise")
     if get("moe.renormalize") and get("moe.gate") != "softmax_topk":
         fail(
             ["moe.renormalize", "moe.gate"],
@@ -133,13 +167,12 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     positive("momentum.adam_gamma")
     at_least("momentum.adam_layers", 1)
     if get("momentum.kind") == "adam":
-        n_moe = num_moe_layers(get("model.num_layers"), get("model.layout"))
+        n_moe, decided_by = _moe_layers_of(cfg)
         if get("momentum.adam_layers") > n_moe:
             fail(
-                ["momentum.adam_layers", "model.num_layers", "model.layout"],
+                ["momentum.adam_layers", *decided_by],
                 f"momentum.adam_layers={get('momentum.adam_layers')} must be <= the number of MoE layers "
-                f"({n_moe} with model.num_layers={get('model.num_layers')}, model.layout={get('model.layout')}) "
-                "when momentum.kind=adam",
+                f"({n_moe} with {', '.join(f'{k}={show(get(k))}' for k in decided_by)}) when momentum.kind=adam",
             )
     in_range("momentum.rho", 0, 1, low_closed=False)
     if not get("momentum.kappa") > 1:
@@ -162,6 +195,51 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     positive("data.synthetic_lines")
     non_empty("data.path")
     at_least("data.sp_vocab_size", 3)  # <unk> and <eos> are pieces too
+
+    # ---- model kind <-> data kind, vision
+    kind, dkind = get("model.kind"), get("data.kind")
+    if kind == "vit" and dkind not in IMAGE_DATA:
+        fail(["model.kind", "data.kind"], f"model.kind=vit trains on images: expected data.kind in "
+             f"{'/'.join(IMAGE_DATA)}, got data.kind={dkind}")
+    if kind == "lm" and dkind not in LM_DATA:
+        fail(["model.kind", "data.kind"], f"data.kind={dkind} holds images: expected model.kind=vit, or data.kind "
+             f"in {'/'.join(LM_DATA)} for the language model")
+    for key in ("vision.image_size", "vision.patch_size", "vision.num_classes"):
+        positive(key)
+    size, patch = get("vision.image_size"), get("vision.patch_size")
+    if size % patch != 0:
+        fail(["vision.image_size", "vision.patch_size"],
+             f"vision.image_size={size} must be a multiple of vision.patch_size={patch}")
+    at_least("vision.moe_every", 1)
+    at_least("vision.moe_last", 1)
+    if kind == "vit":
+        if get("logging.fluct_every"):
+            fail(["logging.fluct_every", "model.kind"], "routing fluctuation tracks validation tokens of the "
+                 "language model: expected logging.fluct_every=0 with model.kind=vit")
+        if get("model.block_style") != "pre_ln":
+            fail(["model.block_style", "model.kind"], "model.kind=vit uses pre-LN ViT blocks: expected "
+                 f"model.block_style=pre_ln, got {get('model.block_style')}")
+        if get("moe.router") != "topk":
+            fail(["moe.router", "model.kind"], "moe.router=stablemoe routes by token id, which images do not have: "
+                 "expected moe.router=topk with model.kind=vit")
+        if get("vision.moe_layout") == "last" and get("vision.moe_last") > get("model.num_layers"):
+            fail(["vision.moe_last", "model.num_layers"], f"vision.moe_last={get('vision.moe_last')} must be <= "
+                 f"model.num_layers={get('model.num_layers')}")
+        n_moe, decided_by = _moe_layers_of(cfg)
+        if n_moe == 0:
+            fail(decided_by, f"the model would have no MoE layer ({', '.join(f'{k}={show(get(k))}' for k in decided_by)}); "
+                 "expected vision.moe_every <= model.num_layers")
+    non_negative("vision.randaugment_ops")
+    in_range("vision.randaugment_magnitude", 0, 30, high_closed=True)
+    non_negative("vision.mixup_alpha", " (0 = off)")
+    in_range("vision.eval_crop_ratio", 0, 1, low_closed=False, high_closed=True)
+    non_negative("vision.num_workers")
+    in_range("vision.synthetic_classes", 2, 48, high_closed=True)
+    if dkind == "synthetic_images" and get("vision.synthetic_classes") > get("vision.num_classes"):
+        fail(["vision.synthetic_classes", "vision.num_classes"], f"vision.synthetic_classes="
+             f"{get('vision.synthetic_classes')} must be <= vision.num_classes={get('vision.num_classes')}")
+    positive("vision.synthetic_train_per_class")
+    positive("vision.synthetic_val_per_class")
 
     # ---- optim
     positive("optim.lr")

@@ -1,4 +1,4 @@
-"""Causal multi-head self-attention with learned-absolute or rotary positions.
+"""Multi-head self-attention (causal for the LM, bidirectional for ViT) with learned-absolute or rotary positions.
 
 Legend: B batch, S sequence, D model dim, H heads, Dh head dim.
 """
@@ -25,8 +25,9 @@ def apply_rotary(x_BHSDh: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, dropout: float, rotary: bool):
+    def __init__(self, d_model: int, num_heads: int, dropout: float, rotary: bool, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
@@ -41,5 +42,5 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rotary_tables(S, self.head_dim, x_BSD.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         drop = self.dropout if self.training else 0.0
-        y_BHSDh = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        y_BHSDh = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
         return self.proj(y_BHSDh.transpose(1, 2).reshape(B, S, D))

@@ -23,30 +23,35 @@ from msmoe_dist.moe import MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
+ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
+
+
 class DenseFFN(nn.Module):
-    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float, activation: str = "relu"):
         super().__init__()
         self.fc1 = nn.Linear(d_model, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, d_model)
         self.drop = nn.Dropout(dropout)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+        return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
 class Block(nn.Module):
     def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_index: int | None, dispatcher=None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, causal: bool = True, dense_activation: str = "relu"):
         super().__init__()
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
         self.moe_index = moe_index
-        self.attn = CausalSelfAttention(d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary")
+        self.attn = CausalSelfAttention(d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary",
+                                        causal=causal)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
         self.drop = nn.Dropout(mcfg.dropout)
         if moe_index is None:
-            self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout)
+            self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout, dense_activation)
         else:
             self.moe = MoELayer(d, moe_cfg, dispatcher=dispatcher, init_std=mcfg.init_std, vocab_size=vocab_size)
             if not self.pre_ln:

@@ -8,26 +8,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models.blocks import Block
+from msmoe_dist.models.layouts import lm_moe_blocks
+from msmoe_dist.models.output import build_head, output_logits, output_loss
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
-def moe_block_indices(num_layers: int, layout: str) -> list[int]:
-    """Which blocks hold an MoE layer: all (Switch), 0, 2, 4, ... (GLaM) or the middle one (StableMoE)."""
-    if layout == "middle":
-        return [num_layers // 2]
-    return list(range(num_layers)) if layout == "switch" else list(range(0, num_layers, 2))
+moe_block_indices = lm_moe_blocks  # the name the rest of the code base uses
 
 
 @dataclass(frozen=True)
 class LMOutput:
-    loss: Tensor | None  # mean token cross-entropy (None without targets)
+    loss: Tensor | None  # token cross-entropy, mean or sum (None without targets); fp32
     aux_loss: Tensor  # sum of the MoE layers' weighted balance/z losses
-    logits: Tensor | None  # [B, S, V] only when asked for
+    logits: Tensor | None  # [B, S, V] only when asked for; log-probabilities with output_layer=adaptive
     stats: list[dict] | None  # per MoE layer, when collect_stats
 
 
@@ -58,7 +55,11 @@ class MoELanguageModel(nn.Module):
         self.momentum = MomentumUpdate(mom_cfg, n_moe)
         # The reference's post-LN blocks end normalised; pre-LN needs a final LayerNorm.
         self.final_norm = nn.LayerNorm(d) if mcfg.block_style == "pre_ln" else nn.Identity()
-        self.head = nn.Linear(d, vocab_size, bias=False)
+        self.output_layer, self.output_chunk_tokens = mcfg.output_layer, mcfg.output_chunk_tokens
+        if mcfg.output_layer == "adaptive" and mcfg.tie_embeddings:
+            raise ValueError("model.output_layer=adaptive cannot tie its output layer to the token embedding: "
+                             "expected model.tie_embeddings=false")
+        self.head = build_head(mcfg.output_layer, d, vocab_size, mcfg.adaptive_cutoffs, mcfg.adaptive_div_value)
         self._init_weights(mcfg.init_std)
         if mcfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
@@ -105,8 +106,14 @@ class MoELanguageModel(nn.Module):
                 aux = aux + layer_aux
             if layer_stats is not None:
                 stats.append(layer_stats)
-        logits = self.head(self.final_norm(x))
-        loss = None
-        if targets_BS is not None:
-            loss = F.cross_entropy(logits.float().view(-1, self.vocab_size), targets_BS.reshape(-1), reduction=reduction)
-        return LMOutput(loss=loss, aux_loss=aux, logits=logits if return_logits else None, stats=stats)
+        # No head at all without targets or a request for logits (the routing-fluctuation probe):
+        # with a 267k vocabulary it would be the largest tensor of the pass.
+        loss = logits_BSV = None
+        if targets_BS is not None or return_logits:
+            h_ND = self.final_norm(x).reshape(B * S, -1)
+            if targets_BS is not None:
+                loss = output_loss(self.output_layer, self.head, h_ND, targets_BS.reshape(-1),
+                                   self.output_chunk_tokens, reduction)
+            if return_logits:
+                logits_BSV = output_logits(self.output_layer, self.head, h_ND).view(B, S, -1)
+        return LMOutput(loss=loss, aux_loss=aux, logits=logits_BSV, stats=stats)

@@ -47,6 +47,13 @@ class MoELayer(nn.Module):
         num_local = getattr(self.dispatcher, "num_local_experts", cfg.num_experts)
         self.experts = Experts(num_local, d_model, cfg.expert_ffn_dim, cfg.activation, init_std)
 
+    @property
+    def capacity_factor(self) -> float:
+        """moe.capacity_factor in training; moe.eval_capacity_factor (when >= 0) in evaluation."""
+        if not self.training and self.cfg.eval_capacity_factor >= 0:
+            return self.cfg.eval_capacity_factor
+        return self.cfg.capacity_factor
+
     def forward(self, x: Tensor, collect_stats: bool = False, token_ids: Tensor | None = None) -> MoEOutput:
         """``token_ids``: the input ids of the tokens, shaped like x without its last dim (StableMoE routes by them)."""
         if x.shape[-1] != self.d_model:
@@ -65,7 +72,7 @@ class MoELayer(nn.Module):
             x_in_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         combine_routing = dataclasses.replace(routing, weights_TK=routing.weights_TK.to(x.dtype))
 
-        capacity = expert_capacity(self.cfg.capacity_factor, x_TD.shape[0], self.cfg.top_k, self.cfg.num_experts)
+        capacity = expert_capacity(self.capacity_factor, x_TD.shape[0], self.cfg.top_k, self.cfg.num_experts)
         x_RD, tokens_per_expert, state = self.dispatcher.dispatch(x_in_TD, combine_routing, capacity)
         if self.cfg.expert_impl == "grouped":
             y_RD = self.experts(x_RD, tokens_per_expert)

@@ -56,6 +56,27 @@ def switch_balance_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
     return E * torch.dot(f_E, P_E)
 
 
+def cv_squared(x_E: Tensor) -> Tensor:
+    """Squared coefficient of variation var/mean^2 (population variance), V-MoE's balance measure."""
+    return x_E.var(unbiased=False) / x_E.mean().square()
+
+
+def importance_loss(clean_probs_TE: Tensor) -> Tensor:
+    """V-MoE importance loss: CV^2 over experts of the summed softmax of the noise-free logits."""
+    return cv_squared(clean_probs_TE.sum(dim=0))
+
+
+def load_loss(clean_logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std: float, top_k: int) -> Tensor:
+    """V-MoE load loss (Riquelme et al. 2021, app. A.2): for each token, the threshold is its k-th
+    largest noisy logit; P(expert e is selected if the noise were drawn again) is
+    1 - Phi((threshold - clean_logit_e) / noise_std); the loss is CV^2 over experts of its mean over tokens.
+    As in V-MoE, gradients reach the router through both the clean logits and the threshold."""
+    threshold_T1 = noisy_logits_TE.topk(top_k, dim=-1).values[:, -1:]
+    z_TE = (threshold_T1 - clean_logits_TE) / noise_std
+    p_TE = 1.0 - torch.special.ndtr(z_TE)
+    return cv_squared(p_TE.mean(dim=0))
+
+
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """Mean over tokens of logsumexp(logits)^2: keeps logits small so fp32 softmax stays exact."""
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
@@ -75,6 +96,7 @@ class Router(nn.Module):
         self.noisy_gating = cfg.noisy_gating
         self.noise_std = cfg.noise_std
         self.balance_loss_coef = cfg.balance_loss_coef
+        self.balance_loss = cfg.balance_loss
         self.z_loss_coef = cfg.z_loss_coef
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
         self.reset_parameters()
@@ -86,11 +108,13 @@ class Router(nn.Module):
         # Routing decisions flip on tiny logit differences, and bf16 has 8 mantissa bits:
         # the gate always runs in fp32, whatever autocast says.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
-            if self.noisy_gating and self.training:
+            clean_logits_TE = logits_TE = F.linear(x_TD.float(), self.weight.float())
+            noise_std = self.noise_std / self.num_experts
+            noisy = self.noisy_gating and self.training
+            if noisy:
                 # V-MoE scale: the noise shrinks with E so that it perturbs rankings about
                 # equally however many experts compete.
-                logits_TE = logits_TE + torch.randn_like(logits_TE) * (self.noise_std / self.num_experts)
+                logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std
             probs_TE = torch.softmax(logits_TE, dim=-1)
             if self.gate == "topk_softmax":
                 top_logits_TK, experts_TK = logits_TE.topk(self.top_k, dim=-1)
@@ -101,7 +125,14 @@ class Router(nn.Module):
                     weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
             zero = logits_TE.new_zeros(())
-            balance = switch_balance_loss(probs_TE, experts_TK) if self.balance_loss_coef else zero
+            balance = zero
+            if self.balance_loss_coef and self.balance_loss == "vmoe":
+                # Importance on the noise-free softmax; the load loss exists only with noise (training).
+                balance = importance_loss(torch.softmax(clean_logits_TE, dim=-1) if noisy else probs_TE)
+                if noisy:
+                    balance = balance + load_loss(clean_logits_TE, logits_TE, noise_std, self.top_k)
+            elif self.balance_loss_coef:
+                balance = switch_balance_loss(probs_TE, experts_TK)
             z = router_z_loss(logits_TE) if self.z_loss_coef else zero
             aux = zero
             if self.balance_loss_coef:

@@ -101,27 +101,40 @@ class AllToAllDispatcher:
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
     # ---- communication ----------------------------------------------------------------------
-    def _exchange_counts(self, counts_E: Tensor) -> Tensor:
-        """counts_E[e]: rows this rank sends to expert e. Returns counts_PL[p, l]: rows from rank p for
-        local expert l. This is a device-to-host sync: the splits must be known on the host."""
-        recv = torch.empty_like(counts_E)
+    def _exchange_counts(self, counts_E: Tensor, device: torch.device) -> Tensor:
+        """counts_E[e]: rows this rank sends to expert e. Returns counts_PL[p, l] (on the host): rows from
+        rank p for local expert l. This is a device-to-host sync: the splits must be known on the host.
+        The exchange runs on the data's device (NCCL takes only CUDA tensors)."""
+        send = counts_E.to(device)
+        recv = torch.empty_like(send)
         t0 = time.perf_counter()
         with named_collective("all_to_all (MoE token counts)"):
-            dist.all_to_all_single(recv, counts_E, group=self.group)
+            dist.all_to_all_single(recv, send, group=self.group)
         COMM_TIMER.seconds += time.perf_counter() - t0
-        return recv.view(self.ep_size, self.num_local_experts)
+        return recv.cpu().view(self.ep_size, self.num_local_experts)
 
     def _send(self, x: Tensor, out_splits: list[int], in_splits: list[int]) -> Tensor:
         self.bytes_sent += x.numel() * x.element_size()
         return all_to_all(x, out_splits, in_splits, self.group)
 
     # ---- the dispatcher interface -----------------------------------------------------------
+    def _agree_capacity(self, capacity: int, device: torch.device) -> int:
+        """The largest capacity in the EP group. Ranks may hold different token counts (a short last
+        evaluation batch, a training batch that lost an unreadable image); the fixed-size exchange
+        needs one C everywhere, and the largest drops no token that its own rank would keep."""
+        t = torch.tensor([capacity], dtype=torch.long, device=device)
+        with named_collective("all_reduce (MoE capacity)"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t[0])
+
     def dispatch(self, x_TD: Tensor, routing: Routing, capacity: int | None):
+        if capacity is not None:
+            capacity = self._agree_capacity(capacity, x_TD.device)
         x_home_RD, kept_E, home = self._local.dispatch(x_TD, routing, capacity)
         P, L = self.ep_size, self.num_local_experts
         if capacity is None:
             counts_E = torch.tensor(kept_E, dtype=torch.long)
-            counts_PL = self._exchange_counts(counts_E)
+            counts_PL = self._exchange_counts(counts_E, x_TD.device)
             send = counts_E.view(P, L).sum(1).tolist()
             recv = counts_PL.sum(1).tolist()
             x_recv = self._send(x_home_RD, recv, send)

@@ -18,6 +18,7 @@ its experts itself (experts_epNNN.pt); DeepSpeed's model file holds only rank 0'
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class DeepSpeedEngine:
         self.device = self.engine.device
         self.stage = self.ds_config["zero_optimization"]["stage"]
         self.clip = cfg.optim.grad_clip
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype, torch.float32)
 
     # ---- collectives --------------------------------------------------------------------------
     def barrier(self) -> None:
@@ -155,8 +157,7 @@ class DeepSpeedEngine:
         ce = aux = 0.0
         stats, norm = None, None
         for i, (x, y) in enumerate(micro_batches):
-            x, y = x.to(self.device), y.to(self.device)
-            out = self.engine(x, y, collect_stats=collect_stats and i == n - 1)
+            out = self.engine(self._input(x), y.to(self.device), collect_stats=collect_stats and i == n - 1)
             loss = out.loss + out.aux_loss
             # One all-reduce per micro-batch: the global mean for logging, and a NaN anywhere
             # stops every rank at the same step, before any weight changes.
@@ -195,6 +196,28 @@ class DeepSpeedEngine:
         nll, count = self._all_sum([nll, count])
         loss = nll / max(count, 1.0)
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(count)}
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The model in eval mode (restored afterwards), for eval_forward calls."""
+        self.engine.eval()
+        try:
+            yield
+        finally:
+            self.engine.train()
+
+    @torch.no_grad()
+    def eval_forward(self, x, y=None, **kwargs):
+        return self.engine(self._input(x), None if y is None else y.to(self.device), **kwargs)
+
+    def _input(self, x):
+        """Token ids go as they are; images take the engine's weight dtype (bf16/fp16 modes keep the
+        module's weights in that dtype, and a conv does not mix dtypes)."""
+        x = x.to(self.device)
+        return x.to(self.input_dtype) if x.is_floating_point() else x
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return self._all_sum(values)
 
     def seal(self) -> dict:
         return {"engine": self.name, "world_size": self.world_size, "ep_size": self.pg.layout.ep_size,

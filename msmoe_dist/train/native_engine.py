@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -51,6 +52,24 @@ class NativeEngine:
 
     def evaluate(self, stream, batch_size: int, seq_len: int, max_batches: int) -> dict:
         return evaluate_lm(self.model, stream, batch_size, seq_len, max_batches, self.device, self.cfg.train.dtype)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The model in eval mode (restored afterwards), for eval_forward calls."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def eval_forward(self, x, y=None, **kwargs):
+        with autocast_ctx(self.device, self.cfg.train.dtype):
+            return self.model(x.to(self.device), None if y is None else y.to(self.device), **kwargs)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return list(values)
 
     def seal(self) -> dict:
         return {"engine": self.name, "world_size": 1, "ep_size": 1, "zero_stage": None,

@@ -19,7 +19,6 @@ import torch
 
 from msmoe_dist.config.loader import config_to_dict, config_to_yaml
 from msmoe_dist.config.schema import Config
-from msmoe_dist.data import load_corpus, training_batch
 from msmoe_dist.models import MoELanguageModel
 from msmoe_dist.moe.fluctuation import FluctuationRecorder
 from msmoe_dist.train.checkpoint import (
@@ -31,6 +30,7 @@ from msmoe_dist.train.checkpoint import (
 )
 from msmoe_dist.train.engine_base import NonFiniteLoss, rng_state, set_rng_state  # noqa: F401 (re-export)
 from msmoe_dist.train.metrics import MetricsLogger
+from msmoe_dist.train.tasks import make_task
 
 # Sections whose values define the network; a resume with different values would load
 # weights into the wrong shapes or silently change the model.
@@ -54,6 +54,13 @@ def build_model(cfg: Config, vocab_size: int, dispatcher=None) -> MoELanguageMod
 
 
 def resolve_vocab_size(cfg: Config, data_vocab: int) -> int:
+    if cfg.model.output_layer == "adaptive":  # the config check could not know the data's vocabulary
+        from msmoe_dist.models.output import check_cutoffs
+
+        try:
+            check_cutoffs(cfg.model.adaptive_cutoffs, cfg.model.vocab_size or data_vocab)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
     if cfg.model.vocab_size == 0:
         return data_vocab
     if cfg.model.vocab_size < data_vocab:
@@ -64,10 +71,20 @@ def resolve_vocab_size(cfg: Config, data_vocab: int) -> int:
     return cfg.model.vocab_size
 
 
+def _same_weights(key: str, saved, now) -> bool:
+    """model.output_layer full <-> chunked computes the same function of the same weights, so a run
+    may switch between them (say, to chunked after running out of memory); adaptive is another model."""
+    if key == "output_chunk_tokens":
+        return True
+    return key == "output_layer" and {saved, now} <= {"full", "chunked"}
+
+
 def check_resume_compatible(cfg: Config, saved_config: dict) -> None:
     now = config_to_dict(cfg)
     for section in ARCH_SECTIONS:
         for key, val in saved_config[section].items():
+            if section == "model" and _same_weights(key, val, now[section].get(key)):
+                continue
             if now[section].get(key) != val:
                 raise TrainError(
                     f"cannot resume: {section}.{key}={now[section].get(key)!r} differs from the checkpoint's "
@@ -94,9 +111,11 @@ def find_resume_point(cfg: Config) -> Path | None:
     return None
 
 
-def step_scalars(res, lr: float, tok_s: float) -> dict:
-    row = {"loss": res.loss, "ppl": math.exp(min(res.loss, 700.0)), "aux_loss": res.aux_loss, "lr": lr,
-           "tokens_per_s": tok_s, "grad_norm": res.grad_norm}
+def step_scalars(res, lr: float, rate: float, rate_key: str = "tokens_per_s") -> dict:
+    """One metrics row; ``rate`` is tokens/s (language model) or images/s (vision) under ``rate_key``."""
+    row = {"loss": res.loss, "aux_loss": res.aux_loss, "lr": lr, rate_key: rate, "grad_norm": res.grad_norm}
+    if rate_key == "tokens_per_s":
+        row["ppl"] = math.exp(min(res.loss, 700.0))
     for i, layer in enumerate(res.stats or []):
         moe, pre = layer["moe"], f"moe.layer{i}."
         row[pre + "load_imbalance"] = float(moe.load_imbalance)
@@ -134,7 +153,10 @@ def _init_weights(cfg: Config) -> dict | None:
     return weights
 
 
-def make_engine(cfg: Config, vocab_size: int):
+def make_engine(cfg: Config, vocab_size: int, builder=None):
+    """The engine for this launch; ``builder(cfg, size, dispatcher)`` builds the model (default: the LM),
+    ``vocab_size`` is the size it takes (vocabulary, or classes for vision)."""
+    builder = builder or build_model
     from msmoe_dist.parallel import env_rank_world
 
     rank, world, local_rank = env_rank_world()
@@ -144,7 +166,7 @@ def make_engine(cfg: Config, vocab_size: int):
         from msmoe_dist.train.native_engine import NativeEngine
 
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, vocab_size)
+        model = builder(cfg, vocab_size)
         if init is not None:
             model.load_state_dict(init)
         return NativeEngine(model, cfg, pick_device(cfg.train.device))
@@ -159,7 +181,7 @@ def make_engine(cfg: Config, vocab_size: int):
         raise TrainError(str(exc)) from exc
     init_for_deepspeed(cfg.parallel, cfg.train.device, local_rank)
     pg = build_process_groups(layout, rank, cfg.parallel.timeout_s)
-    return DeepSpeedEngine(cfg, build_model, vocab_size, pg, init)
+    return DeepSpeedEngine(cfg, builder, vocab_size, pg, init)
 
 
 def run(cfg: Config) -> dict:
@@ -174,15 +196,16 @@ def run(cfg: Config) -> dict:
         from msmoe_dist.parallel.distributed import init_for_deepspeed
 
         init_for_deepspeed(cfg.parallel, cfg.train.device, local_rank)
-    # Rank 0 generates/caches the corpus first; the others then read its cache.
+    task = make_task(cfg)
+    # Rank 0 generates/caches the data first; the others then read its cache.
     if rank == 0:
-        corpus = load_corpus(cfg.data, splits=("train", "valid"))
+        task.load_data()
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
-        corpus = load_corpus(cfg.data, splits=("train", "valid"))
-    vocab_size = resolve_vocab_size(cfg, len(corpus.vocab))
-    engine = make_engine(cfg, vocab_size)
+        task.load_data()
+    size = task.model_size()
+    engine = make_engine(cfg, size, task.build_model)
     start = 0
     if resume_from is not None:
         seal = read_seal(resume_from)
@@ -200,9 +223,10 @@ def run(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
         logger = MetricsLogger(run_dir, cfg.logging.tensorboard, resume_step=start if resume_from else None)
-    fluct = FluctuationRecorder.from_config(cfg, corpus.valid, run_dir, engine.is_main, start if resume_from else None)
+    fluct = FluctuationRecorder.from_config(cfg, task.valid_stream, run_dir, engine.is_main,
+                                            start if resume_from else None)
     ckpt_root = run_dir / "checkpoints"
-    seal_extra = {"config": config_to_dict(cfg), "vocab_size": vocab_size, "vocab_sha256": corpus.vocab.sha256()}
+    seal_extra = {"config": config_to_dict(cfg), **task.seal_extra(size)}
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(ckpt_root, step, lambda d: engine.write_rank_files(d, step),
@@ -213,17 +237,17 @@ def run(cfg: Config) -> dict:
         if logger is not None:
             logger.log(step, row)
 
-    tc, B, S, G = cfg.train, cfg.data.batch_size, cfg.data.seq_len, cfg.train.grad_accum_steps
+    tc = cfg.train
+    task.start(start, engine.rank, engine.world_size)
     bar = _progress(start, tc.max_steps, tc.progress and engine.is_main)
-    last_log_time, tokens_since = time.perf_counter(), 0
+    last_log_time, units_since = time.perf_counter(), 0
     last_ckpt = latest_checkpoint(ckpt_root)
     final: dict = {}
     try:
         for step in range(start, tc.max_steps):
             done = step + 1
             log_now = done % cfg.logging.log_every == 0 or done == tc.max_steps
-            micro = [training_batch(cfg.data, corpus.train, step * G + m, tc.seed, engine.rank, engine.world_size)
-                     for m in range(G)]
+            micro, units = task.micro_batches(step)
             engine.model.set_step(step)  # StableMoE's stage is a function of the step alone
             try:
                 res = engine.train_step(micro, collect_stats=log_now and cfg.logging.moe_stats)
@@ -233,31 +257,32 @@ def run(cfg: Config) -> dict:
                     f"{exc} at step {done}; stopped before updating the weights ({where}); "
                     "try a lower optim.lr or optim.grad_clip>0, then train.resume=true"
                 ) from None
-            tokens_since += B * S * G * engine.world_size
+            units_since += units
             if log_now:
                 now = time.perf_counter()
-                tok_s = tokens_since / max(now - last_log_time, 1e-9)
-                last_log_time, tokens_since = now, 0
-                row = step_scalars(res, engine.lr(), tok_s)
+                rate = units_since / max(now - last_log_time, 1e-9)
+                last_log_time, units_since = now, 0
+                row = {**step_scalars(res, engine.lr(), rate, task.rate_key), **task.extra_scalars()}
                 log(done, row)
                 final["train_loss"] = row["loss"]
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                bar.set_postfix({"loss": f"{row['loss']:.3f}", task.rate_key: f"{rate:,.0f}"})
             fluct.maybe_record(done, engine.model)  # a forward on every rank when due, before any checkpoint
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
-                ev = engine.evaluate(corpus.valid, B, S, tc.eval_batches)
-                log(done, {"val.loss": ev["loss"], "val.ppl": ev["ppl"]})
+                log(done, task.evaluate(engine))
             if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done != tc.max_steps:
                 last_ckpt = checkpoint(done)
             bar.update(1)
-        ev = engine.evaluate(corpus.valid, B, S, tc.eval_batches)
-        log(tc.max_steps, {"val.loss": ev["loss"], "val.ppl": ev["ppl"]})
+        ev = task.evaluate(engine)
+        log(tc.max_steps, ev)
         fluct.finish(logger, f"routing fluctuation, moe.router={cfg.moe.router}")
         last_ckpt = checkpoint(tc.max_steps)
     finally:
         bar.close()
+        task.close()
         if logger is not None:
             logger.close()
-    final.update({"val_loss": ev["loss"], "val_ppl": ev["ppl"], "run_dir": str(run_dir),
+    final.update({k.replace("val.", "val_"): v for k, v in ev.items()})
+    final.update({**task.extra_scalars(), "run_dir": str(run_dir),
                   "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),
                   "checkpoint": str(last_ckpt), "rank": engine.rank, "world_size": engine.world_size})
     return final
