@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -97,8 +98,10 @@ def train_main(argv: list[str] | None = None) -> int:
         sys.exit(_fail("msmoe-train", exc, EXIT_COLLECTIVE))
     if summary.get("rank", 0) != 0:
         return 0
+    score = (f"valid top-1 {summary['val_top1']:.2%}" if "val_top1" in summary
+             else f"valid ppl {summary['val_ppl']:.2f}")
     print(
-        f"done: train loss {summary.get('train_loss', float('nan')):.4f}, valid ppl {summary['val_ppl']:.2f}\n"
+        f"done: train loss {summary.get('train_loss', float('nan')):.4f}, {score}\n"
         f"  run directory: {summary['run_dir']}\n  metrics:       {summary['metrics']}\n"
         f"  tensorboard:   {summary['tensorboard']}  (view: tensorboard --logdir {summary['tensorboard']})\n"
         f"  checkpoint:    {summary['checkpoint']}  (evaluate: msmoe-eval --checkpoint {summary['run_dir']})"
@@ -109,8 +112,11 @@ def train_main(argv: list[str] | None = None) -> int:
 def build_eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msmoe-eval",
-        description="Evaluate a checkpoint: perplexity over the full validation and test token streams. "
-        "Prints one JSON line; `ppl` is the validation perplexity.",
+        description="Evaluate a checkpoint (any engine, any expert-parallel degree) in one process. Language "
+        "models: perplexity over the full validation and test token streams (and, with --attack, under the word "
+        "attack); `ppl` is the validation perplexity. V-MoE: top-1/top-5 on the run's validation folder (or "
+        "--imagenet-val), on ImageNet-A/-R with the 200-class masks, and on ImageNet-C with mCE normalised by "
+        "AlexNet's published errors. Prints one JSON line on stdout and a table on stderr.",
     )
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="run directory, its checkpoints/ directory, or one step_* checkpoint directory")
@@ -128,6 +134,15 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack-rate", type=float, default=0.025, metavar="P",
                         help="probability that a non-stopword word is replaced (default 0.025)")
     parser.add_argument("--attack-seed", type=int, default=0, metavar="N", help="seed of the attack (default 0)")
+    parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
+    vis = parser.add_argument_group("V-MoE checkpoints (model.kind=vit)")
+    vis.add_argument("--imagenet-val", metavar="DIR",
+                     help="ImageNet-1K val folder <wnid>/*.JPEG (default: the run's data.path/val)")
+    vis.add_argument("--imagenet-a", metavar="DIR", help="ImageNet-A folder <wnid>/*.jpg (200 classes)")
+    vis.add_argument("--imagenet-r", metavar="DIR", help="ImageNet-R folder <wnid>/*.jpg (200 classes)")
+    vis.add_argument("--imagenet-c", metavar="DIR",
+                     help="ImageNet-C root <corruption>/<severity 1-5>/<wnid>/*.JPEG: per-corruption error and mCE")
+    vis.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (default 2)")
     parser.add_argument("--text-path", metavar="DIR",
                         help="--attack on a prepared corpus: read valid/test text from DIR instead of the directory "
                         "recorded in its meta.json")
@@ -140,12 +155,22 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     try:
         result = evaluate_checkpoint(args)
+        if args.json:
+            from msmoe_dist.train.checkpoint import atomic_write_text
+
+            atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
     except _user_errors() as exc:
         sys.exit(_fail("msmoe-eval", exc))
+    except OSError as exc:
+        sys.exit(_fail("msmoe-eval", ValueError(f"cannot write --json {args.json}: {exc.strerror or exc}")))
     if args.attack:
         from msmoe_dist.eval.attack_eval import attack_table
 
         print(attack_table(result), file=sys.stderr)
+    if "val" in result or "imagenet_c" in result or "imagenet_a" in result or "imagenet_r" in result:
+        from msmoe_dist.eval.vision_eval import vision_table
+
+        print(vision_table(result), file=sys.stderr)
     print(json.dumps(result))
     return 0
 

@@ -16,6 +16,9 @@ from msmoe_dist.train.weights import load_full_weights
 SPLITS = ("valid", "test")
 
 
+VISION_FLAGS = ("imagenet_val", "imagenet_a", "imagenet_r", "imagenet_c")
+
+
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     bad = [s for s in splits if s not in SPLITS]
@@ -26,6 +29,17 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     cfg = config_from_dict(saved["config"], source=str(step_dir / "complete.json"))
     if args.data_path:
         cfg.data.path = args.data_path
+    vision_flags = [f"--{f.replace('_', '-')}" for f in VISION_FLAGS if getattr(args, f, None)]
+    if cfg.model.kind == "vit":
+        if getattr(args, "attack", False):
+            raise CheckpointError(f"{step_dir} holds a V-MoE image classifier: --attack is the language-model word "
+                                  "attack; expected --imagenet-a/--imagenet-r/--imagenet-c for robustness")
+        from msmoe_dist.eval.vision_eval import evaluate_vision_checkpoint
+
+        return evaluate_vision_checkpoint(args, cfg, weights, saved, step_dir)
+    if vision_flags:
+        raise CheckpointError(f"{step_dir} holds a language model: {', '.join(vision_flags)} apply to V-MoE "
+                              "checkpoints (model.kind=vit) only")
     corpus = load_corpus(cfg.data, splits=tuple(splits))
     if corpus.vocab.sha256() != saved["vocab_sha256"]:
         raise CheckpointError(

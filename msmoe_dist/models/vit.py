@@ -47,7 +47,7 @@ class VisionMoE(nn.Module):
         d, p = mcfg.d_model, vcfg.patch_size
         self.image_size, self.num_classes = vcfg.image_size, vcfg.num_classes
         self.pooling = vcfg.pooling
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=p, stride=p)
+        self.patch_proj = nn.Conv2d(3, d, kernel_size=p, stride=p)
         num_tokens = (vcfg.image_size // p) ** 2 + (1 if vcfg.pooling == "cls" else 0)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if vcfg.pooling == "cls" else None
         self.pos_emb = nn.Parameter(torch.zeros(1, num_tokens, d))
@@ -88,7 +88,7 @@ class VisionMoE(nn.Module):
         if (C, H, W) != (3, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape [B, 3, {self.image_size}, {self.image_size}] "
                              f"(vision.image_size), got {list(images_BCHW.shape)}")
-        x_BND = self.patch_embed(images_BCHW).flatten(2).transpose(1, 2)
+        x_BND = self.patch_proj(images_BCHW).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x_BND = torch.cat([self.cls_token.expand(B, -1, -1).to(x_BND.dtype), x_BND], dim=1)
         x_BND = self.emb_drop(x_BND + self.pos_emb.to(x_BND.dtype))

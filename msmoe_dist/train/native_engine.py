@@ -44,7 +44,8 @@ class NativeEngine:
             if not torch.isfinite(loss):  # checked before backward: the weights stay good
                 raise NonFiniteLoss(f"loss became {float(loss)}")
             (loss / n).backward()
-            ce, aux, stats = ce + float(out.loss) / n, aux + float(out.aux_loss) / n, out.stats or stats
+            ce, aux = ce + float(out.loss.detach()) / n, aux + float(out.aux_loss.detach()) / n
+            stats = out.stats or stats
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
         self.opt.step()
         self.sched.step()

@@ -19,7 +19,7 @@ def is_expert_param(name: str) -> bool:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Four groups: {dense, expert} x {decay, no decay}.
 
-    No decay for biases, norms, embeddings and the momentum coefficients: decaying mu/gamma
+    No decay for biases, norms, embeddings (ViT: position table, class token), the experts' stacked [E, F] biases and the momentum coefficients: decaying mu/gamma
     towards 0 would silently turn MomentumSMoE back into SMoE.
     """
     groups: dict[tuple[bool, bool], list] = {}
@@ -28,7 +28,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:  # tied weights appear twice
             continue
         seen.add(id(p))
-        no_decay = p.ndim < 2 or "emb" in name or "norm" in name or "momentum_" in name
+        no_decay = (p.ndim < 2 or "emb" in name or "norm" in name or "momentum_" in name
+                    or "cls_token" in name or (is_expert_param(name) and name.endswith((".b1", ".b2"))))
         groups.setdefault((is_expert_param(name), no_decay), []).append(p)
     out = []
     for (expert, no_decay), params in sorted(groups.items()):

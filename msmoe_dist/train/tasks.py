@@ -8,6 +8,8 @@ so a resumed run reads exactly what the uninterrupted one would have read (mid-e
 from __future__ import annotations
 
 
+import sys
+
 import torch
 
 from msmoe_dist.config.schema import Config
@@ -76,7 +78,7 @@ class VisionTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.loader = None
-        self.unreadable = 0
+        self.unreadable = self.reported = 0
 
     def load_data(self) -> None:
         from pathlib import Path
@@ -87,7 +89,8 @@ class VisionTask:
         d, v = self.cfg.data, self.cfg.vision
         root = ensure_synthetic_images(d.path, v) if d.kind == "synthetic_images" else Path(d.path)
         self.train_set = ImageFolderDataset(Path(root) / "train", v.num_classes, train_transform(v))
-        self.val_set = ImageFolderDataset(Path(root) / "val", v.num_classes, eval_transform(v))
+        self.val_set = ImageFolderDataset(Path(root) / "val", v.num_classes, eval_transform(v),
+                                          class_to_idx=self.train_set.class_to_idx)
 
     def model_size(self) -> int:
         return self.cfg.vision.num_classes
@@ -117,6 +120,11 @@ class VisionTask:
         for m in range(G):
             batch = next(self.loader)
             self.unreadable += batch.num_unreadable
+            for i in batch.unreadable_indices[:max(0, 20 - self.reported)]:
+                self.reported += 1
+                print(f"msmoe-train: rank {self.rank}: skipped unreadable image {self.train_set.path(int(i))}"
+                      + (" (further ones are only counted: data.unreadable_images)" if self.reported == 20 else ""),
+                      file=sys.stderr)
             x, y = batch.images, batch.labels
             if v.mixup_alpha > 0:
                 gen = torch.Generator().manual_seed(hash((self.cfg.train.seed, step * G + m, self.rank)) % 2**63)
@@ -127,6 +135,8 @@ class VisionTask:
 
     def evaluate(self, engine, dataset=None, max_batches: int | None = None) -> dict:
         """Top-1/top-5 and loss over the validation folder (each image once across ranks)."""
+        from msmoe_dist.eval.vision_eval import evaluate_images
+
         ev = evaluate_images(engine, dataset or self.val_set, self.cfg.data.batch_size,
                              self.cfg.train.eval_batches if max_batches is None else max_batches,
                              self.cfg.vision.num_workers)
@@ -139,60 +149,8 @@ class VisionTask:
         self.loader = None
 
 
-@torch.no_grad()
-def evaluate_images(engine, dataset, batch_size: int, max_batches: int, num_workers: int,
-                    class_index=None) -> dict:
-    """Loss, top-1 and top-5 accuracy of ``engine``'s model on ``dataset``.
-
-    Every rank runs the same number of forwards (a rank out of batches runs an uncounted dummy
-    one): all ranks of an expert-parallel group must join every all-to-all. ``class_index``
-    (a LongTensor of logit columns) restricts the logits to a class subset (ImageNet-A/R).
-    """
-    from torch.utils.data import Subset
-
-    from msmoe_dist.data.images import eval_loader, eval_rounds
-
-    if max_batches:
-        dataset = Subset(dataset, range(min(len(dataset), max_batches * batch_size)))
-    rank, world = engine.rank, engine.world_size
-    rounds = eval_rounds(len(dataset), batch_size, world)
-    nll = top1 = top5 = count = unreadable = 0.0
-    dummy = None
-    with engine.evaluating():
-        batches = iter(eval_loader(dataset, batch_size, rank, world, num_workers))
-        for _ in range(rounds):
-            batch = next(batches, None)
-            if batch is not None:
-                unreadable += batch.num_unreadable
-            if batch is None or batch.images.shape[0] == 0:
-                dummy = dummy if dummy is not None else _dummy_images(engine)
-                engine.eval_forward(dummy)
-                continue
-            out = engine.eval_forward(batch.images)
-            logits = out.logits.float()
-            labels = batch.labels.to(logits.device)
-            if class_index is not None:
-                logits = logits[:, class_index.to(logits.device)]
-            nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            k = min(5, logits.shape[1])
-            top_k = logits.topk(k, dim=-1).indices
-            hit = top_k == labels[:, None]
-            top1 += float(hit[:, 0].sum())
-            top5 += float(hit.any(dim=-1).sum())
-            count += labels.numel()
-    nll, top1, top5, count, unreadable = engine.all_sum([nll, top1, top5, count, unreadable])
-    n = max(count, 1.0)
-    return {"loss": nll / n, "top1": top1 / n, "top5": top5 / n, "images": int(count),
-            "unreadable": int(unreadable)}
-
-
-def _dummy_images(engine) -> torch.Tensor:
-    size = engine.model.image_size
-    return torch.zeros(1, 3, size, size)
-
-
 def make_task(cfg: Config):
     return VisionTask(cfg) if cfg.model.kind == "vit" else LMTask(cfg)
 
 
-__all__ = ["LMTask", "VisionTask", "make_task", "evaluate_images"]
+__all__ = ["LMTask", "VisionTask", "make_task"]

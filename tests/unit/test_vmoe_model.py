@@ -96,7 +96,7 @@ def test_vit_shapes_loss_and_backward():
     assert out.logits.shape == (3, 10) and len(out.stats) == 2
     assert math.isclose(float(out.loss), math.log(10), rel_tol=1e-5)  # zero-initialised head
     out.loss.backward()
-    assert model.patch_embed.weight.grad is not None
+    assert model.patch_proj.weight.grad is not None
     with pytest.raises(ValueError, match="vision.image_size"):
         model(torch.randn(1, 3, 16, 16))
 
@@ -123,7 +123,7 @@ def test_momentum_state_passes_through_dense_blocks(kind):
     cfg = tiny_cfg(f"momentum.kind={kind}")
     torch.manual_seed(0)
     model = VisionMoE(*_parts(cfg)).eval()
-    x = model.patch_embed(torch.randn(2, 3, 32, 32)).flatten(2).transpose(1, 2)
+    x = model.patch_proj(torch.randn(2, 3, 32, 32)).flatten(2).transpose(1, 2)
     x = torch.cat([model.cls_token.expand(2, -1, -1), x], 1) + model.pos_emb
     state = MomentumState()
     for i, block in enumerate(model.blocks):
