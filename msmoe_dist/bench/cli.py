@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_step_args(sub.add_parser("step", help="one expert-parallel LM training step (run under torchrun)"))
     add_sweep_args(sub.add_parser("sweep", help="grid of torchrun launches of `step`; JSON and PNG curves"))
+    from msmoe_dist.bench.vit_step import add_vit_args
+
+    add_vit_args(sub.add_parser("vit", help="V-MoE training-step images/s of each momentum variant vs V-MoE"))
+    from msmoe_dist.bench.memory import add_memory_args
+
+    add_memory_args(sub.add_parser("memory", help="peak memory of one WikiText-103 step per model.output_layer"))
     return parser
 
 
@@ -31,7 +37,7 @@ def _print_table(result: dict) -> None:
     for key, val in result.items():
         if key.endswith("_ms") and isinstance(val, (int, float)):
             print(f"  {key:>16}: {val:9.2f} ms")
-        elif isinstance(val, dict) and key in ("step_ms", "ratio_vs_smoe"):
+        elif isinstance(val, dict) and key in ("step_ms", "ratio_vs_smoe", "images_per_s"):
             for k, v in val.items():
                 print(f"  {key}.{k:>10}: {v:9.3f}")
     if "ratio" in result:
@@ -40,6 +46,15 @@ def _print_table(result: dict) -> None:
 
 def bench_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "memory":
+        from msmoe_dist.bench.memory import print_table, run_memory_bench
+
+        result = run_memory_bench(args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print_table(result)
+        return 0
     if args.command == "prepare":
         from msmoe_dist.bench.prepare import run_prepare_bench
 
@@ -62,6 +77,10 @@ def bench_main(argv: list[str] | None = None) -> int:
         from msmoe_dist.bench.layer import run_layer_bench
 
         result = run_layer_bench(args)
+    elif args.command == "vit":
+        from msmoe_dist.bench.vit_step import run_vit_bench
+
+        result = run_vit_bench(args)
     else:
         from msmoe_dist.bench.model_step import run_model_bench
 
