@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from msmoe_dist.bench.timing import interleaved_medians, machine_info, now_iso
+from msmoe_dist.bench.timing import interleaved_medians, machine_info, now_iso, train_step_fn
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models import MoELanguageModel
 
@@ -40,15 +40,7 @@ def run_model_bench(args: argparse.Namespace) -> dict:
     for kind in KINDS:
         torch.manual_seed(0)  # identical weights for every variant
         model = MoELanguageModel(mcfg, moe_cfg, MomentumConfig(kind=kind), args.vocab).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step(model=model, opt=opt):
-            out = model(x, y)
-            (out.loss + out.aux_loss).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        steps[kind] = step
+        steps[kind] = train_step_fn(model, x, y, device)
     ms = interleaved_medians(steps, args.repeats, args.warmup, device)
     base = ms["none"]
     return {

@@ -63,3 +63,19 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup
             _sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def train_step_fn(model: torch.nn.Module, x, y, device, bf16: bool = False) -> Callable[[], None]:
+    """One AdamW training step of ``model`` on (x, y), for timing: forward (bf16 autocast if asked),
+    loss + aux loss backward, optimiser step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device = torch.device(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, y)
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from msmoe_dist.bench.timing import interleaved_medians, machine_info, now_iso
+from msmoe_dist.bench.timing import interleaved_medians, machine_info, now_iso, train_step_fn
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "imagenet"
 VARIANTS = {"none": "vmoe_s32.yaml", "heavy_ball": "momentum_vmoe_s32.yaml", "adam": "adam_vmoe_s32.yaml",
@@ -60,16 +60,7 @@ def run_vit_bench(args: argparse.Namespace) -> dict:
         mom = _momentum_of(kind) or dataclasses.replace(cfg.momentum, kind=kind)
         torch.manual_seed(0)  # identical weights for every variant
         model = VisionMoE(cfg.model, cfg.moe, mom, v).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step(model=model, opt=opt):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-                out = model(x, y)
-            (out.loss + out.aux_loss).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        steps[kind] = step
+        steps[kind] = train_step_fn(model, x, y, device, bf16=args.dtype == "bf16")
     ms = interleaved_medians(steps, args.repeats, args.warmup, device)
     base = ms["none"]
     return {
