@@ -1,6 +1,7 @@
 """V-MoE: router losses (importance, load) by hand and by Monte Carlo, capacity in evaluation, the ViT."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,16 @@ def test_heavy_ball_with_mu_zero_equals_smoe():
     b.load_state_dict(a.state_dict(), strict=False)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(a(x).logits, b(x).logits, atol=1e-6)
+
+
+def test_vit_benchmark_prints_every_variant_against_vmoe():
+    """msmoe-bench vit runs end to end on the tiny config (figures only; no timing is asserted)."""
+    from msmoe_dist.bench.cli import build_parser
+    from msmoe_dist.bench.vit_step import run_vit_bench
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "imagenet" / "tiny_synthetic.yaml"
+    args = build_parser().parse_args(["vit", "--config", str(tiny), "--batch", "2",
+                                      "--repeats", "1", "--warmup", "0"])
+    res = run_vit_bench(args)
+    assert set(res["ratio_vs_smoe"]) == {"none", "heavy_ball", "adam", "robust"}
+    assert res["ratio_vs_smoe"]["none"] == 1.0 and all(v > 0 for v in res["images_per_s"].values())
