@@ -35,6 +35,7 @@ from msmoe_dist.train.tasks import make_task
 # Sections whose values define the network; a resume with different values would load
 # weights into the wrong shapes or silently change the model.
 ARCH_SECTIONS = ("model", "moe", "momentum")
+VISION_ARCH_KEYS = ("image_size", "patch_size", "num_classes", "pooling", "moe_layout", "moe_every", "moe_last")
 
 
 class TrainError(ValueError):
@@ -90,6 +91,11 @@ def check_resume_compatible(cfg: Config, saved_config: dict) -> None:
                     f"cannot resume: {section}.{key}={now[section].get(key)!r} differs from the checkpoint's "
                     f"{val!r} (expected the same model/moe/momentum settings)"
                 )
+    for key in VISION_ARCH_KEYS:  # the vision keys that shape the network (not the augmentation)
+        val = saved_config.get("vision", {}).get(key, now["vision"][key])
+        if now["model"]["kind"] == "vit" and now["vision"][key] != val:
+            raise TrainError(f"cannot resume: vision.{key}={now['vision'][key]!r} differs from the checkpoint's "
+                             f"{val!r} (expected the same network; augmentation keys may change)")
 
 
 def find_resume_point(cfg: Config) -> Path | None:

@@ -156,3 +156,13 @@ def test_vit_benchmark_prints_every_variant_against_vmoe():
     res = run_vit_bench(args)
     assert set(res["ratio_vs_smoe"]) == {"none", "heavy_ball", "adam", "robust"}
     assert res["ratio_vs_smoe"]["none"] == 1.0 and all(v > 0 for v in res["images_per_s"].values())
+
+
+def test_resume_refuses_a_different_vision_network_but_not_other_augmentation():
+    from msmoe_dist.config.loader import config_to_dict
+    from msmoe_dist.train.trainer import TrainError, check_resume_compatible
+
+    saved = config_to_dict(tiny_cfg())
+    check_resume_compatible(tiny_cfg("vision.mixup_alpha=0.2", "vision.randaugment_ops=2"), saved)
+    with pytest.raises(TrainError, match="vision.patch_size"):
+        check_resume_compatible(tiny_cfg("vision.patch_size=16"), saved)
