@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_install_command():
-    m = re.search(r'pip install -e "\.\[dev\]"', (ROOT / "README.md").read_text())
+    m = re.search(r'pip install -e "\.\[dev,vision\]"', (ROOT / "README.md").read_text())
     assert m, "README no longer shows the install command"
     return m.group(0)
 
