@@ -129,7 +129,25 @@ class _Ids(dict):
         return self.unk
 
 
-class WordTokenizer:
+class _TextEncoder:
+    """What both tokenizers build on their own ``encode_text`` (whole lines in, int64 ids out)."""
+
+    def encode_text(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_lines(self, lines: list[str]) -> np.ndarray:
+        return self.encode_text("".join(line.rstrip("\n") + "\n" for line in lines))
+
+    def encode_file(self, path, progress=None) -> np.ndarray:
+        parts = []
+        for text, nbytes in read_text_blocks(path):
+            parts.append(self.encode_text(text))
+            if progress is not None:
+                progress.update(nbytes)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class WordTokenizer(_TextEncoder):
     """Whitespace tokens plus ``<eos>`` per line, ids from a word ``Vocab`` (train split only)."""
 
     kind = "word"
@@ -155,17 +173,6 @@ class WordTokenizer:
         """int64 ids of whole lines (each ending "\\n"); ``<eos>`` for every line break."""
         return np.array(list(map(self._ids.__getitem__, _words(text))), dtype=np.int64)
 
-    def encode_lines(self, lines: list[str]) -> np.ndarray:
-        return self.encode_text("".join(line.rstrip("\n") + "\n" for line in lines))
-
-    def encode_file(self, path, progress=None) -> np.ndarray:
-        parts = []
-        for text, nbytes in read_text_blocks(path):
-            parts.append(self.encode_text(text))
-            if progress is not None:
-                progress.update(nbytes)
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
 
 class PieceVocab(Vocab):
     """A sentencepiece model's pieces as a Vocab; the hash is the serialized model's (it fixes the ids)."""
@@ -175,7 +182,7 @@ class PieceVocab(Vocab):
         self._sha256 = model_sha256
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_TextEncoder):
     """A sentencepiece model trained on the train split; ``<unk>`` = id 0, ``<eos>`` = id 1, no bos/pad."""
 
     kind = "sentencepiece"
@@ -267,17 +274,6 @@ class SentencePieceTokenizer:
                     out.extend(encoded[i])
             out.append(eos)
         return np.asarray(out, dtype=np.int64)
-
-    def encode_lines(self, lines: list[str]) -> np.ndarray:
-        return self.encode_text("".join(line.rstrip("\n") + "\n" for line in lines))
-
-    def encode_file(self, path, progress=None) -> np.ndarray:
-        parts = []
-        for text, nbytes in read_text_blocks(path):
-            parts.append(self.encode_text(text))
-            if progress is not None:
-                progress.update(nbytes)
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def train_tokenizer(kind: str, train_file, sp_vocab_size: int = 32000, sp_model_type: str = "unigram",
