@@ -95,7 +95,7 @@ def deepspeed_world_of_one(device: torch.device):
     through deepspeed.comm, which also drops DeepSpeed's cached expert groups, so the calling
     process is left as it was found.
     """
-    from msmoe_dist.parallel.distributed import _free_port
+    from msmoe_dist.parallel.startup import _free_port
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     created = False

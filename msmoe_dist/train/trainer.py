@@ -177,7 +177,7 @@ def make_engine(cfg: Config, vocab_size: int, builder=None):
             model.load_state_dict(init)
         return NativeEngine(model, cfg, pick_device(cfg.train.device))
     from msmoe_dist.parallel import LayoutError, ParallelLayout, build_process_groups
-    from msmoe_dist.parallel.distributed import init_for_deepspeed
+    from msmoe_dist.parallel.startup import init_for_deepspeed
     from msmoe_dist.train.ds_engine import DeepSpeedEngine
 
     try:
@@ -199,7 +199,7 @@ def run(cfg: Config) -> dict:
     resume_from = find_resume_point(cfg)
     run_dir = Path(cfg.train.run_dir)
     if world > 1:
-        from msmoe_dist.parallel.distributed import init_for_deepspeed
+        from msmoe_dist.parallel.startup import init_for_deepspeed
 
         init_for_deepspeed(cfg.parallel, cfg.train.device, local_rank)
     task = make_task(cfg)

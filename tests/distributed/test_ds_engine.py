@@ -31,7 +31,7 @@ def _cfg(*extra):
 
 
 def _engine(cfg, rank, world, init=None):
-    from msmoe_dist.parallel.distributed import init_for_deepspeed
+    from msmoe_dist.parallel.startup import init_for_deepspeed
     from msmoe_dist.train.ds_engine import DeepSpeedEngine
 
     init_for_deepspeed(cfg.parallel, "cpu", rank)

@@ -26,7 +26,7 @@ def _cfg(kind):
 
 
 def _worker(rank, world):
-    from msmoe_dist.parallel.distributed import init_for_deepspeed
+    from msmoe_dist.parallel.startup import init_for_deepspeed
     from msmoe_dist.train.ds_engine import DeepSpeedEngine
 
     norms = {}
