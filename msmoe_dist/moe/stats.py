@@ -25,13 +25,15 @@ class MoEStats:
     expert_out_norm: list[float]  # mean L2 norm of each expert's output rows; 0 if unused
     selection_by_norm: list[int]  # routed_per_expert ordered by descending expert_out_norm
 
-    def to_scalars(self, prefix: str = "") -> dict[str, float]:
-        """The headline numbers for metrics logs; keys are ``prefix/name`` (or ``name``)."""
-        head = f"{prefix}/" if prefix and not prefix.endswith("/") else prefix
+    def to_scalars(self, prefix: str = "") -> dict:
+        """The metrics-log entries of this layer, keys ``prefix + name`` (e.g. ``moe.layer0.load_imbalance``)."""
         return {
-            f"{head}load_imbalance": float(self.load_imbalance),
-            f"{head}drop_fraction": float(self.drop_fraction),
-            f"{head}router_entropy": float(self.router_entropy),
+            f"{prefix}load_imbalance": float(self.load_imbalance),
+            f"{prefix}drop_fraction": float(self.drop_fraction),
+            f"{prefix}dropped": int(self.num_dropped),
+            f"{prefix}router_entropy": float(self.router_entropy),
+            f"{prefix}tokens_per_expert": [int(c) for c in self.tokens_per_expert],
+            f"{prefix}selection_by_norm": [int(c) for c in self.selection_by_norm],
         }
 
 

@@ -6,10 +6,11 @@ import copy
 import json
 from pathlib import Path
 
-from msmoe_dist.config.schema import Config
+from msmoe_dist.config.schema import OptimConfig, ParallelConfig, TrainConfig
+from msmoe_dist.errors import UserError
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError):
     """A user DeepSpeed JSON that cannot be used (one-line message)."""
 
 
@@ -23,23 +24,23 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def build_ds_config(cfg: Config) -> dict:
-    stage = cfg.parallel.zero_stage
+def build_ds_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig, micro_batch_size: int) -> dict:
+    stage = parallel.zero_stage
     ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
         # Stage 0: DeepSpeed's clipping would use a rank-local norm that misses the other ranks'
         # experts, so the engine wrapper computes the global norm and clips itself.
-        "gradient_clipping": cfg.optim.grad_clip if stage > 0 else 0.0,
+        "gradient_clipping": optim.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage, "reduce_scatter": True, "contiguous_gradients": True},
-        "bf16": {"enabled": cfg.train.dtype == "bf16"},
-        "fp16": {"enabled": cfg.train.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "bf16": {"enabled": train.dtype == "bf16"},
+        "fp16": {"enabled": train.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    path = cfg.parallel.deepspeed_config
+    path = parallel.deepspeed_config
     if path:
         try:
             user = json.loads(Path(path).read_text())

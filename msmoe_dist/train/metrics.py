@@ -8,13 +8,19 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None):
+    """Appends rows to run_dir/metrics.jsonl and TensorBoard.
+
+    `state_dict()` is the log's position, stored in each checkpoint's metadata; a run resumed from
+    that checkpoint (`resume=` its state and step) cuts the log back to it, so rows logged after
+    the checkpoint by the interrupted run are not repeated and the file reads as one uninterrupted
+    trace. TensorBoard drops its events past the step (purge_step).
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None,
+                 resume_state: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # Lines past the checkpoint will be produced again by the resumed run: drop them so
-            # the file reads as one uninterrupted trace.
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep))
+            self._cut(resume_step, (resume_state or {}).get("bytes"))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._fh = self.path.open("a")
@@ -24,8 +30,21 @@ class MetricsLogger:
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
-        row = {"step": step, **{k: v for k, v in scalars.items()}}
+    def _cut(self, step: int, size: int | None) -> None:
+        if size is not None and size <= self.path.stat().st_size:
+            with self.path.open("r+b") as fh:
+                fh.truncate(size)
+            return
+        # A checkpoint from before the position was recorded: keep the rows up to its step.
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def state_dict(self) -> dict:
+        self._fh.flush()
+        return {"bytes": self.path.stat().st_size}
+
+    def log(self, step: int, scalars: dict) -> None:
+        row = {"step": step, **scalars}
         self._fh.write(json.dumps(row, allow_nan=True) + "\n")
         self._fh.flush()
         if self.tb is not None:

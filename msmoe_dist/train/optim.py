@@ -8,12 +8,7 @@ import torch
 from torch import nn
 
 from msmoe_dist.config.schema import OptimConfig
-from msmoe_dist.parallel.sharding import is_expert_key
-
-
-def is_expert_param(name: str) -> bool:
-    """Expert weights are a different kind of parameter (sharded under expert parallelism)."""
-    return is_expert_key(name)
+from msmoe_dist.moe import is_expert_param
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -22,15 +17,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     No decay for biases, norms, embeddings (ViT: position table, class token), the experts' stacked [E, F] biases and the momentum coefficients: decaying mu/gamma
     towards 0 would silently turn MomentumSMoE back into SMoE.
     """
-    groups: dict[tuple[bool, bool], list] = {}
+    groups: dict[tuple[bool, bool], list] = {}  # (expert, no decay) -> parameters
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear twice
             continue
         seen.add(id(p))
+        expert = is_expert_param(p)  # a tag set where experts are built
         no_decay = (p.ndim < 2 or "emb" in name or "norm" in name or "momentum_" in name
-                    or "cls_token" in name or (is_expert_param(name) and name.endswith((".b1", ".b2"))))
-        groups.setdefault((is_expert_param(name), no_decay), []).append(p)
+                    or "cls_token" in name or (expert and name.endswith((".b1", ".b2"))))
+        groups.setdefault((expert, no_decay), []).append(p)
     out = []
     for (expert, no_decay), params in sorted(groups.items()):
         out.append(
@@ -44,8 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimiser over ``param_groups(...)`` (an engine may rename groups first, as DeepSpeed needs)."""
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam

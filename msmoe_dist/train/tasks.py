@@ -1,49 +1,93 @@
-"""What the training loop needs from a workload: language modelling or image classification.
+"""The task seam: what the training loop needs from a workload (language modelling or image classification).
 
-A task loads its data, builds its model, hands the loop the micro-batches of each step and
-evaluates through the engine.  Batches are a pure function of (seed, step, micro-batch, rank),
-so a resumed run reads exactly what the uninterrupted one would have read (mid-epoch included).
+A task loads its data, says how many outputs its model has, builds the model (on one device), hands
+the loop the micro-batches of each step and evaluates through an Evaluator. Batches are a pure
+function of (seed, step, micro-batch, rank), so a resumed run reads exactly what the uninterrupted
+one would have read (mid-epoch included).
 """
 
 from __future__ import annotations
 
-
 import sys
+from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 
-from msmoe_dist.config.schema import Config
+from msmoe_dist.config.output_layer import check_cutoffs
+from msmoe_dist.config.schema import Config, DataConfig, ModelConfig, TrainConfig, VisionConfig
+from msmoe_dist.eval.evaluator import Evaluator
+from msmoe_dist.models.build import build_model
+from msmoe_dist.train.errors import TrainError
+
+
+class Task(Protocol):
+    rate_key: str  # the throughput metric: tokens_per_s or images_per_s
+    probe_stream: torch.Tensor | None  # token ids the routing-fluctuation probe reads (LM only)
+
+    def load_data(self) -> None: ...
+
+    def num_outputs(self) -> int: ...  # the vocabulary size or the class count
+
+    def build_model(self) -> nn.Module: ...
+
+    def data_fingerprint(self) -> dict: ...  # stored in checkpoints: which vocabulary/classes the model knows
+
+    def start(self, start_step: int, rank: int, world: int) -> None: ...
+
+    def micro_batches(self, step: int) -> tuple[list, int]: ...  # this rank's, and samples on all ranks
+
+    def evaluate(self, ev: Evaluator) -> dict: ...
+
+    def extra_scalars(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_vocab_size(model: ModelConfig, data_vocab: int) -> int:
+    """model.vocab_size, or the data's vocabulary size when it is 0."""
+    if model.output_layer == "adaptive":  # the config check could not know the data's vocabulary
+        try:
+            check_cutoffs(model.adaptive_cutoffs, model.vocab_size or data_vocab)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+    if model.vocab_size == 0:
+        return data_vocab
+    if model.vocab_size < data_vocab:
+        raise TrainError(
+            f"model.vocab_size={model.vocab_size} is smaller than the data's vocabulary ({data_vocab}); "
+            "expected 0 (take it from the data) or >= the data's size"
+        )
+    return model.vocab_size
 
 
 class LMTask:
     rate_key = "tokens_per_s"
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        self.cfg = cfg  # the model sections, to build the model; the loop reads data and train
+        self.data: DataConfig = cfg.data
+        self.train: TrainConfig = cfg.train
 
     def load_data(self) -> None:
         from msmoe_dist.data import load_corpus
 
-        self.corpus = load_corpus(self.cfg.data, splits=("train", "valid"))
+        self.corpus = load_corpus(self.data, splits=("train", "valid"))
 
     @property
-    def valid_stream(self):
+    def probe_stream(self) -> torch.Tensor:
         return self.corpus.valid
 
-    def model_size(self) -> int:
-        """The vocabulary size (model.vocab_size, or the data's)."""
-        from msmoe_dist.train.trainer import resolve_vocab_size
+    def num_outputs(self) -> int:
+        return resolve_vocab_size(self.cfg.model, len(self.corpus.vocab))
 
-        return resolve_vocab_size(self.cfg, len(self.corpus.vocab))
+    def build_model(self) -> nn.Module:
+        c = self.cfg
+        return build_model(c.model, c.moe, c.momentum, c.vision, self.num_outputs())
 
-    @staticmethod
-    def build_model(cfg: Config, vocab_size: int, dispatcher=None):
-        from msmoe_dist.train.trainer import build_model
-
-        return build_model(cfg, vocab_size, dispatcher)
-
-    def seal_extra(self, size: int) -> dict:
-        return {"vocab_size": size, "vocab_sha256": self.corpus.vocab.sha256()}
+    def data_fingerprint(self) -> dict:
+        return {"vocab_size": self.num_outputs(), "vocab_sha256": self.corpus.vocab.sha256()}
 
     def start(self, start_step: int, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
@@ -52,15 +96,17 @@ class LMTask:
         """The step's micro-batches for this rank, and how many units (tokens) they hold on all ranks."""
         from msmoe_dist.data import training_batch
 
-        cfg, G = self.cfg, self.cfg.train.grad_accum_steps
-        micro = [training_batch(cfg.data, self.corpus.train, step * G + m, cfg.train.seed, self.rank, self.world)
+        d, G = self.data, self.train.grad_accum_steps
+        micro = [training_batch(d, self.corpus.train, step * G + m, self.train.seed, self.rank, self.world)
                  for m in range(G)]
-        return micro, cfg.data.batch_size * cfg.data.seq_len * G * self.world
+        return micro, d.batch_size * d.seq_len * G * self.world
 
-    def evaluate(self, engine) -> dict:
-        d = self.cfg.data
-        ev = engine.evaluate(self.corpus.valid, d.batch_size, d.seq_len, self.cfg.train.eval_batches)
-        return {"val.loss": ev["loss"], "val.ppl": ev["ppl"]}
+    def evaluate(self, ev: Evaluator) -> dict:
+        from msmoe_dist.eval.lm import evaluate_tokens
+
+        d = self.data
+        res = evaluate_tokens(ev, self.corpus.valid, d.batch_size, d.seq_len, self.train.eval_batches)
+        return {"val.loss": res["loss"], "val.ppl": res["ppl"]}
 
     def extra_scalars(self) -> dict:
         return {}
@@ -73,49 +119,48 @@ class VisionTask:
     """V-MoE on an ImageNet-layout folder (generated coloured shapes, or ImageNet itself)."""
 
     rate_key = "images_per_s"
-    valid_stream = None
+    probe_stream = None
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.data: DataConfig = cfg.data
+        self.train: TrainConfig = cfg.train
+        self.vision: VisionConfig = cfg.vision
         self.loader = None
         self.unreadable = self.reported = 0
 
     def load_data(self) -> None:
-        from pathlib import Path
-
         from msmoe_dist.data.images import ImageFolderDataset, eval_transform, train_transform
         from msmoe_dist.data.synthetic_images import ensure_synthetic_images
 
-        d, v = self.cfg.data, self.cfg.vision
+        d, v = self.data, self.vision
         root = ensure_synthetic_images(d.path, v) if d.kind == "synthetic_images" else Path(d.path)
         self.train_set = ImageFolderDataset(Path(root) / "train", v.num_classes, train_transform(v))
         self.val_set = ImageFolderDataset(Path(root) / "val", v.num_classes, eval_transform(v),
                                           class_to_idx=self.train_set.class_to_idx)
 
-    def model_size(self) -> int:
-        return self.cfg.vision.num_classes
+    def num_outputs(self) -> int:
+        return self.vision.num_classes
 
-    @staticmethod
-    def build_model(cfg: Config, num_classes: int, dispatcher=None):
-        from msmoe_dist.models import VisionMoE
+    def build_model(self) -> nn.Module:
+        c = self.cfg
+        return build_model(c.model, c.moe, c.momentum, c.vision, self.num_outputs())
 
-        return VisionMoE(cfg.model, cfg.moe, cfg.momentum, cfg.vision, dispatcher=dispatcher)
-
-    def seal_extra(self, size: int) -> dict:
-        return {"num_classes": size, "classes": list(self.train_set.classes)}
+    def data_fingerprint(self) -> dict:
+        return {"num_classes": self.num_outputs(), "classes": list(self.train_set.classes)}
 
     def start(self, start_step: int, rank: int, world: int) -> None:
         from msmoe_dist.data.images import train_loader
 
         self.rank, self.world = rank, world
-        G = self.cfg.train.grad_accum_steps
-        self.loader = iter(train_loader(self.train_set, self.cfg.data.batch_size, self.cfg.train.seed,
-                                        start_step * G, rank, world, self.cfg.vision.num_workers))
+        G = self.train.grad_accum_steps
+        self.loader = iter(train_loader(self.train_set, self.data.batch_size, self.train.seed,
+                                        start_step * G, rank, world, self.vision.num_workers))
 
     def micro_batches(self, step: int) -> tuple[list, int]:
         from msmoe_dist.data.images import mixup
 
-        v, G = self.cfg.vision, self.cfg.train.grad_accum_steps
+        v, G = self.vision, self.train.grad_accum_steps
         micro, images = [], 0
         for m in range(G):
             batch = next(self.loader)
@@ -127,20 +172,20 @@ class VisionTask:
                       file=sys.stderr)
             x, y = batch.images, batch.labels
             if v.mixup_alpha > 0:
-                gen = torch.Generator().manual_seed(hash((self.cfg.train.seed, step * G + m, self.rank)) % 2**63)
+                gen = torch.Generator().manual_seed(hash((self.train.seed, step * G + m, self.rank)) % 2**63)
                 x, y = mixup(x, y, v.num_classes, v.mixup_alpha, gen)
             micro.append((x, y))
             images += x.shape[0]
         return micro, images * self.world  # an estimate across ranks (unreadable images differ per rank)
 
-    def evaluate(self, engine, dataset=None, max_batches: int | None = None) -> dict:
+    def evaluate(self, ev: Evaluator, dataset=None, max_batches: int | None = None) -> dict:
         """Top-1/top-5 and loss over the validation folder (each image once across ranks)."""
         from msmoe_dist.eval.vision_eval import evaluate_images
 
-        ev = evaluate_images(engine, dataset or self.val_set, self.cfg.data.batch_size,
-                             self.cfg.train.eval_batches if max_batches is None else max_batches,
-                             self.cfg.vision.num_workers)
-        return {"val.loss": ev["loss"], "val.top1": ev["top1"], "val.top5": ev["top5"]}
+        res = evaluate_images(ev, dataset or self.val_set, self.data.batch_size,
+                              self.train.eval_batches if max_batches is None else max_batches,
+                              self.vision.num_workers)
+        return {"val.loss": res["loss"], "val.top1": res["top1"], "val.top5": res["top5"]}
 
     def extra_scalars(self) -> dict:
         return {"data.unreadable_images": self.unreadable}
@@ -149,8 +194,8 @@ class VisionTask:
         self.loader = None
 
 
-def make_task(cfg: Config):
+def make_task(cfg: Config) -> Task:
     return VisionTask(cfg) if cfg.model.kind == "vit" else LMTask(cfg)
 
 
-__all__ = ["LMTask", "VisionTask", "make_task"]
+__all__ = ["LMTask", "Task", "VisionTask", "make_task", "resolve_vocab_size"]

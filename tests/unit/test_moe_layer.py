@@ -244,12 +244,14 @@ def test_stats_by_hand():
     assert s.router_entropy == pytest.approx((3 * math.log(2) + 3 * math.log(4)) / 6)
     assert s.expert_out_norm == pytest.approx([3.0, 2.0, 5.0, 0.0])  # (5+1)/2, (2+2)/2, (10+0)/2
     assert s.selection_by_norm == [2, 5, 5, 0]  # routed counts of experts 2, 0, 1, 3
-    assert s.to_scalars("moe/0") == {
-        "moe/0/load_imbalance": pytest.approx(5 / 3),
-        "moe/0/drop_fraction": 0.5,
-        "moe/0/router_entropy": pytest.approx(s.router_entropy),
+    assert s.to_scalars("moe.layer0.") == {
+        "moe.layer0.load_imbalance": pytest.approx(5 / 3),
+        "moe.layer0.drop_fraction": 0.5,
+        "moe.layer0.dropped": 6,
+        "moe.layer0.router_entropy": pytest.approx(s.router_entropy),
+        "moe.layer0.tokens_per_expert": [2, 2, 2, 0],
+        "moe.layer0.selection_by_norm": [2, 5, 5, 0],
     }
-    assert set(s.to_scalars()) == {"load_imbalance", "drop_fraction", "router_entropy"}
 
 
 def test_layer_stats_are_detached_python_values():

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from msmoe_dist.config.loader import ConfigError, config_to_dict, load_config
 from msmoe_dist.config.schema import Config, ModelConfig, MoEConfig, MomentumConfig
-from msmoe_dist.eval.evaluate import evaluate_lm
+from msmoe_dist.eval.lm import evaluate_lm
 from msmoe_dist.models import MoELanguageModel
 from msmoe_dist.models.output import chunked_cross_entropy
 from msmoe_dist.train.trainer import TrainError, check_resume_compatible, resolve_vocab_size

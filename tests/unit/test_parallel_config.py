@@ -9,6 +9,10 @@ from msmoe_dist.config import ConfigError, load_config
 from msmoe_dist.train.ds_config import DeepSpeedConfigError, build_ds_config
 
 
+def _sections(cfg):
+    return cfg.parallel, cfg.optim, cfg.train, cfg.data.batch_size
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [
@@ -30,17 +34,17 @@ def test_parallel_config_errors(overrides, needle):
 def test_generated_deepspeed_config_and_user_override(tmp_path):
     cfg = load_config(None, ["parallel.zero_stage=2", "train.dtype=bf16", "train.grad_accum_steps=4",
                              "optim.grad_clip=0.5", "data.batch_size=3"])
-    ds = build_ds_config(cfg)
+    ds = build_ds_config(*_sections(cfg))
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"]) == (4, 3, 0.5)
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"allgather_bucket_size": 1000}, "gradient_clipping": 2.0}))
     cfg.parallel.deepspeed_config = str(user)
-    merged = build_ds_config(cfg)
+    merged = build_ds_config(*_sections(cfg))
     assert merged["zero_optimization"] == {**ds["zero_optimization"], "allgather_bucket_size": 1000}
     assert merged["gradient_clipping"] == 2.0
     # stage 0: DeepSpeed's clipping would miss other ranks' experts, so it is ours
-    assert build_ds_config(load_config(None, ["parallel.zero_stage=0", "optim.grad_clip=1"]))["gradient_clipping"] == 0
+    assert build_ds_config(*_sections(load_config(None, ["parallel.zero_stage=0", "optim.grad_clip=1"])))["gradient_clipping"] == 0
 
 
 @pytest.mark.parametrize("content,needle", [("{not json", "not valid JSON"), ("[1]", "JSON object"),
@@ -50,10 +54,10 @@ def test_bad_user_deepspeed_json(tmp_path, content, needle):
     f.write_text(content)
     cfg = load_config(None, [f"parallel.deepspeed_config={f}"])
     with pytest.raises(DeepSpeedConfigError, match=needle):
-        build_ds_config(cfg)
+        build_ds_config(*_sections(cfg))
     cfg.parallel.deepspeed_config = str(tmp_path / "missing.json")
     with pytest.raises(DeepSpeedConfigError, match="cannot read"):
-        build_ds_config(cfg)
+        build_ds_config(*_sections(cfg))
 
 
 def test_launcher_local_rank_is_stripped(monkeypatch):

@@ -1,0 +1,71 @@
+"""The engine seam: what the training loop needs from an engine (native PyTorch or DeepSpeed).
+
+An engine receives a model that is already parallel (msmoe_dist.parallel.apply_expert_parallel)
+and owns the optimiser, the backward pass, gradient reduction and clipping, and its checkpoint
+files. `NativeEngine` (one process) and `DeepSpeedEngine` (any number) satisfy `Engine`;
+evaluation needs only the `Evaluator` part of it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from msmoe_dist.checkpoint import CheckpointMeta
+from msmoe_dist.eval.evaluator import Evaluator
+from msmoe_dist.train.errors import NonFiniteLoss
+
+__all__ = ["Engine", "NonFiniteLoss", "StepResult", "objective", "rng_state", "set_rng_state"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean cross-entropy over the global batch (all micro-batches, all ranks)
+    aux_loss: float  # mean weighted balance/z loss
+    grad_norm: float  # global gradient norm before clipping, as one process would compute it
+    stats: list | None  # MoE statistics of this rank's last micro-batch (when asked for)
+
+
+def objective(out: Any) -> torch.Tensor:
+    """The training objective: the model's cross-entropy plus its MoE layers' weighted auxiliary losses."""
+    return out.loss + out.aux_loss
+
+
+class Engine(Evaluator, Protocol):
+    name: str
+    is_main: bool
+    device: torch.device
+
+    def set_step(self, step: int) -> None: ...  # the 0-based optimiser step about to be taken
+
+    def train_step(self, micro_batches: list, collect_stats: bool) -> StepResult: ...
+
+    def lr(self) -> float: ...
+
+    def barrier(self) -> None: ...
+
+    def layout_meta(self) -> dict: ...  # checkpoint.meta.LAYOUT_KEYS of this engine
+
+    def save_files(self, step_dir: Path) -> None: ...  # this rank's checkpoint files
+
+    def load_files(self, step_dir: Path, meta: CheckpointMeta) -> None: ...
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

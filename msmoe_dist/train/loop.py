@@ -1,0 +1,119 @@
+"""The training loop: `Trainer.fit` reads top to bottom; everything it uses is built by `trainer.run`.
+
+Step numbering: `step` in metrics.jsonl and checkpoint names counts completed optimiser steps.
+A checkpoint at step N resumes at step N; the data position is the step itself (each rank's
+micro-batches are a pure function of seed, step, micro-batch and rank), so a resumed run reads
+exactly the samples the uninterrupted run would have read, neither repeating nor skipping any.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from msmoe_dist.checkpoint import Checkpointer, CheckpointMeta
+from msmoe_dist.config.schema import CheckpointConfig, LoggingConfig, TrainConfig
+from msmoe_dist.moe.fluctuation import FluctuationRecorder
+from msmoe_dist.moe.stats import MoEStats
+from msmoe_dist.train.engine import Engine, StepResult
+from msmoe_dist.train.errors import NonFiniteLoss
+from msmoe_dist.train.metrics import MetricsLogger
+from msmoe_dist.train.tasks import Task
+
+
+def step_scalars(res: StepResult, lr: float, rate: float, rate_key: str = "tokens_per_s") -> dict:
+    """One metrics row; ``rate`` is tokens/s (language model) or images/s (vision) under ``rate_key``."""
+    row = {"loss": res.loss, "aux_loss": res.aux_loss, "lr": lr, rate_key: rate, "grad_norm": res.grad_norm}
+    if rate_key == "tokens_per_s":
+        row["ppl"] = math.exp(min(res.loss, 700.0))
+    for i, layer in enumerate(res.stats or []):
+        moe: MoEStats = layer["moe"]
+        row.update(moe.to_scalars(f"moe.layer{i}."))
+        if "momentum_norm" in layer:
+            row[f"momentum.layer{i}.norm"] = layer["momentum_norm"]
+    return row
+
+
+@dataclass
+class Trainer:
+    engine: Engine
+    task: Task
+    checkpointer: Checkpointer
+    logger: MetricsLogger | None  # main rank only
+    recorder: FluctuationRecorder
+    train: TrainConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+    meta_at: Callable[[int], CheckpointMeta]  # the metadata a checkpoint at that step gets
+    config_yaml: str
+    recorder_title: str = ""  # moe.router, for the fluctuation plot
+
+    def fit(self, start: int) -> dict:
+        """Trains from optimiser step `start` to train.max_steps; returns the last scalars and files."""
+        engine, task, tc = self.engine, self.task, self.train
+        task.start(start, engine.rank, engine.world_size)
+        bar = _progress(start, tc.max_steps, tc.progress and engine.is_main)
+        last_log_time, units_since = time.perf_counter(), 0
+        last_ckpt = self.checkpointer.latest()
+        final: dict = {}
+        try:
+            for step in range(start, tc.max_steps):
+                done = step + 1
+                log_now = done % self.logging.log_every == 0 or done == tc.max_steps
+                micro, units = task.micro_batches(step)
+                engine.set_step(step)  # StableMoE's stage is a function of the step alone
+                try:
+                    res = engine.train_step(micro, collect_stats=log_now and self.logging.moe_stats)
+                except NonFiniteLoss as exc:
+                    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+                    raise NonFiniteLoss(
+                        f"{exc} at step {done}; stopped before updating the weights ({where}); "
+                        "try a lower optim.lr or optim.grad_clip>0, then train.resume=true"
+                    ) from None
+                units_since += units
+                if log_now:
+                    now = time.perf_counter()
+                    rate = units_since / max(now - last_log_time, 1e-9)
+                    last_log_time, units_since = now, 0
+                    row = {**step_scalars(res, engine.lr(), rate, task.rate_key), **task.extra_scalars()}
+                    self._log(done, row)
+                    final["train_loss"] = row["loss"]
+                    bar.set_postfix({"loss": f"{row['loss']:.3f}", task.rate_key: f"{rate:,.0f}"})
+                self.recorder.maybe_record(done, engine.model)  # a forward on every rank when due, before any save
+                if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
+                    self._log(done, task.evaluate(engine))
+                every = self.checkpoint.every_steps
+                if every and done % every == 0 and done != tc.max_steps:
+                    last_ckpt = self._save(done)
+                bar.update(1)
+            ev = task.evaluate(engine)
+            self._log(tc.max_steps, ev)
+            self.recorder.finish(self.logger, f"routing fluctuation, moe.router={self.recorder_title}")
+            last_ckpt = self._save(tc.max_steps)
+        finally:
+            bar.close()
+            task.close()
+            if self.logger is not None:
+                self.logger.close()
+        final.update({k.replace("val.", "val_"): v for k, v in ev.items()})
+        final.update({**task.extra_scalars(), "checkpoint": str(last_ckpt), "rank": engine.rank,
+                      "world_size": engine.world_size})
+        return final
+
+    def _log(self, step: int, row: dict) -> None:
+        if self.logger is not None:
+            self.logger.log(step, row)
+
+    def _save(self, step: int) -> Path:
+        return self.checkpointer.save(self.meta_at(step), self.engine, self.config_yaml)
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", file=sys.stderr,
+                dynamic_ncols=True)
