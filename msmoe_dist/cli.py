@@ -48,14 +48,13 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Every error a user can fix: one line, exit code 2."""
     from msmoe_dist.config.loader import ConfigError
     from msmoe_dist.data.errors import DataError
-    from msmoe_dist.train.checkpoint import CheckpointError
+    from msmoe_dist.errors import UserError
     from msmoe_dist.parallel.layout import LayoutError
-    from msmoe_dist.train.ds_config import DeepSpeedConfigError
-    from msmoe_dist.train.trainer import TrainError
 
-    return ConfigError, DataError, CheckpointError, TrainError, LayoutError, DeepSpeedConfigError
+    return UserError, ConfigError, DataError, LayoutError
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -86,7 +85,8 @@ def train_main(argv: list[str] | None = None) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     from msmoe_dist.parallel.collectives import CollectiveError
-    from msmoe_dist.train.trainer import NonFiniteLoss, run
+    from msmoe_dist.train.errors import NonFiniteLoss
+    from msmoe_dist.train.trainer import run
 
     try:
         summary = run(cfg)
@@ -149,16 +149,26 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eval_request(args: argparse.Namespace):
+    from msmoe_dist.eval.request import EvalRequest
+
+    return EvalRequest(
+        checkpoint=args.checkpoint, splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+        data_path=args.data_path, batches=args.batches, batch_size=args.batch_size, device=args.device,
+        attack=args.attack, attack_rate=args.attack_rate, attack_seed=args.attack_seed, text_path=args.text_path,
+        imagenet_val=args.imagenet_val, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
+        imagenet_c=args.imagenet_c, workers=args.workers)
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     args = build_eval_parser().parse_args(argv)
     from msmoe_dist.eval.checkpoint_eval import evaluate_checkpoint
+    from msmoe_dist.io import atomic_write
 
     try:
-        result = evaluate_checkpoint(args)
+        result = evaluate_checkpoint(eval_request(args))
         if args.json:
-            from msmoe_dist.train.checkpoint import atomic_write_text
-
-            atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
+            atomic_write(Path(args.json), json.dumps(result, indent=1) + "\n")
     except _user_errors() as exc:
         sys.exit(_fail("msmoe-eval", exc))
     except OSError as exc:

@@ -9,31 +9,29 @@ perplexities would not be comparable.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from msmoe_dist.data import DataError, attack_lines
 from msmoe_dist.data.attack import read_lines
 from msmoe_dist.data.corpus import find_split_files
-from msmoe_dist.eval.evaluate import evaluate_lm
+from msmoe_dist.eval.evaluator import Evaluator
+from msmoe_dist.eval.lm import evaluate_tokens
+from msmoe_dist.eval.request import EvalRequest
 
 
-def attacked_scores(model, corpus, split: str, args: argparse.Namespace, batch_size: int, seq_len: int, device,
-                    dtype: str) -> dict:
+def attacked_scores(ev: Evaluator, corpus, split: str, req: EvalRequest, batch_size: int, seq_len: int) -> dict:
     """``<split>_attacked_{ppl,loss,tokens}`` and the attack's counts for one split."""
-    text_path = getattr(args, "text_path", None)
-    text = find_split_files(text_path, (split,))[split] if text_path else corpus.text_file(split)
+    text = find_split_files(req.text_path, (split,))[split] if req.text_path else corpus.text_file(split)
     lines = read_lines(text)
     clean = corpus.split(split)
     if not torch.equal(torch.from_numpy(corpus.tokenizer.encode_lines(lines)), clean.long()):
         raise DataError(f"{text} does not encode to the {split} ids being evaluated (edited, or another corpus); "
                         "expected the text the corpus was built from (see --text-path)")
-    attacked, stats = attack_lines(lines, seed=args.attack_seed, rate=args.attack_rate)
+    attacked, stats = attack_lines(lines, seed=req.attack_seed, rate=req.attack_rate)
     stream = torch.from_numpy(corpus.tokenizer.encode_lines(attacked))
-    ev = evaluate_lm(model, stream, batch_size, seq_len, args.batches, device, dtype)
-    return {f"{split}_attacked_ppl": ev["ppl"], f"{split}_attacked_loss": ev["loss"],
-            f"{split}_attacked_tokens": ev["tokens"], f"{split}_attack_candidates": stats.candidates,
+    res = evaluate_tokens(ev, stream, batch_size, seq_len, req.batches)
+    return {f"{split}_attacked_ppl": res["ppl"], f"{split}_attacked_loss": res["loss"],
+            f"{split}_attacked_tokens": res["tokens"], f"{split}_attack_candidates": stats.candidates,
             f"{split}_attack_replaced": stats.replaced}
 
 

@@ -1,67 +1,66 @@
-"""msmoe-eval's work: rebuild the model saved in a checkpoint and score the corpus splits."""
+"""msmoe-eval's work: rebuild the model saved in a checkpoint and score it.
+
+The model is built in one process with every expert (whatever EP degree it was trained at), put in
+the state the training run evaluated in after its last step (StableMoE's stage), and scored through
+a LocalEvaluator by the same functions training-time evaluation uses.
+"""
 
 from __future__ import annotations
 
-import argparse
 import time
 
+from msmoe_dist.checkpoint import CheckpointError, load_full_weights, resolve_checkpoint
 from msmoe_dist.config.loader import config_from_dict
 from msmoe_dist.data import load_corpus
 from msmoe_dist.eval.attack_eval import attacked_scores
-from msmoe_dist.eval.evaluate import evaluate_lm
-from msmoe_dist.train.checkpoint import CheckpointError, resolve_checkpoint
-from msmoe_dist.train.trainer import build_model, pick_device
-from msmoe_dist.train.weights import load_full_weights
-
-SPLITS = ("valid", "test")
-
-
-VISION_FLAGS = ("imagenet_val", "imagenet_a", "imagenet_r", "imagenet_c")
+from msmoe_dist.eval.evaluator import LocalEvaluator
+from msmoe_dist.eval.lm import evaluate_tokens
+from msmoe_dist.eval.request import LM_SPLITS, EvalRequest
+from msmoe_dist.models.build import build_model
+from msmoe_dist.parallel.runtime import pick_device
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    bad = [s for s in splits if s not in SPLITS]
-    if bad or not splits:
-        raise CheckpointError(f"--splits {args.splits!r}: expected a comma-separated subset of {','.join(SPLITS)}")
-    step_dir = resolve_checkpoint(args.checkpoint)
-    weights, saved = load_full_weights(step_dir)  # every expert, whatever EP degree it was saved at
-    cfg = config_from_dict(saved["config"], source=str(step_dir / "complete.json"))
-    if args.data_path:
-        cfg.data.path = args.data_path
-    vision_flags = [f"--{f.replace('_', '-')}" for f in VISION_FLAGS if getattr(args, f, None)]
+def evaluate_checkpoint(req: EvalRequest) -> dict:
+    bad = [s for s in req.splits if s not in LM_SPLITS]
+    if bad or not req.splits:
+        raise CheckpointError(f"--splits {','.join(req.splits)!r}: expected a comma-separated subset of "
+                              f"{','.join(LM_SPLITS)}")
+    step_dir = resolve_checkpoint(req.checkpoint)
+    weights, meta = load_full_weights(step_dir)  # every expert, whatever EP degree it was saved at
+    cfg = config_from_dict(meta.config, source=str(step_dir / "complete.json"))
+    if req.data_path:
+        cfg.data.path = req.data_path
     if cfg.model.kind == "vit":
-        if getattr(args, "attack", False):
+        if req.attack:
             raise CheckpointError(f"{step_dir} holds a V-MoE image classifier: --attack is the language-model word "
                                   "attack; expected --imagenet-a/--imagenet-r/--imagenet-c for robustness")
         from msmoe_dist.eval.vision_eval import evaluate_vision_checkpoint
 
-        return evaluate_vision_checkpoint(args, cfg, weights, saved, step_dir)
-    if vision_flags:
-        raise CheckpointError(f"{step_dir} holds a language model: {', '.join(vision_flags)} apply to V-MoE "
+        return evaluate_vision_checkpoint(req, cfg, weights, meta, step_dir)
+    if req.vision_flags():
+        raise CheckpointError(f"{step_dir} holds a language model: {', '.join(req.vision_flags())} apply to V-MoE "
                               "checkpoints (model.kind=vit) only")
-    corpus = load_corpus(cfg.data, splits=tuple(splits))
-    if corpus.vocab.sha256() != saved["vocab_sha256"]:
+    corpus = load_corpus(cfg.data, splits=tuple(req.splits))
+    if corpus.vocab.sha256() != meta.data.get("vocab_sha256"):
         raise CheckpointError(
             f"the vocabulary built from {cfg.data.path} differs from the one the checkpoint was trained with "
             "(expected the same training split; pass --data-path to the original corpus)"
         )
-    device = pick_device(args.device)
-    model = build_model(cfg, saved["vocab_size"]).to(device)
+    device = pick_device(req.device)
+    model = build_model(cfg.model, cfg.moe, cfg.momentum, cfg.vision, meta.data["vocab_size"]).to(device)
     model.load_state_dict(weights)
-    # Evaluate as the training run did after its last step (0-based step saved["step"] - 1): this is
+    # Evaluate as the training run did after its last step (0-based step meta.step - 1): this is
     # what decides, e.g., which router StableMoE evaluates with.
-    model.set_step(max(int(saved["step"]) - 1, 0))
-    batch_size = args.batch_size or cfg.data.batch_size
-    result = {"checkpoint": str(step_dir), "step": saved["step"]}
+    model.set_step(max(meta.step - 1, 0))
+    ev = LocalEvaluator(model, device, "bf16" if cfg.train.dtype == "bf16" else "fp32")
+    batch_size = req.batch_size or cfg.data.batch_size
+    result: dict = {"checkpoint": str(step_dir), "step": meta.step}
     t0 = time.perf_counter()
-    for split in splits:
-        ev = evaluate_lm(model, getattr(corpus, split), batch_size, cfg.data.seq_len, args.batches, device,
-                         "bf16" if cfg.train.dtype == "bf16" else "fp32")
-        result.update({f"{split}_ppl": ev["ppl"], f"{split}_loss": ev["loss"], f"{split}_tokens": ev["tokens"]})
-        if getattr(args, "attack", False):
-            result.update(attacked_scores(model, corpus, split, args, batch_size, cfg.data.seq_len, device,
-                                          "bf16" if cfg.train.dtype == "bf16" else "fp32"))
-    result["ppl"] = result.get("valid_ppl", result.get(f"{splits[0]}_ppl"))
+    for split in req.splits:
+        res = evaluate_tokens(ev, corpus.split(split), batch_size, cfg.data.seq_len, req.batches)
+        result.update({f"{split}_ppl": res["ppl"], f"{split}_loss": res["loss"], f"{split}_tokens": res["tokens"]})
+        if req.attack:
+            result.update(attacked_scores(ev, corpus, split, req, batch_size, cfg.data.seq_len))
+    result["ppl"] = result.get("valid_ppl", result.get(f"{req.splits[0]}_ppl"))
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result

@@ -7,19 +7,19 @@ Legend: B images, C classes of the classifier, S classes of a subset (ImageNet-A
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import time
 from pathlib import Path
 
 import torch
 
-from msmoe_dist.eval.evaluate import autocast_ctx
+from msmoe_dist.checkpoint import CheckpointMeta
+from msmoe_dist.eval.evaluator import Evaluator, LocalEvaluator
+from msmoe_dist.eval.request import EvalRequest
 from msmoe_dist.eval.robustness import LabelSubset, discover_imagenet_c, format_table, mce, topk_correct
 
 
 @torch.no_grad()
-def evaluate_images(engine, dataset, batch_size: int, max_batches: int, num_workers: int,
+def evaluate_images(engine: Evaluator, dataset, batch_size: int, max_batches: int, num_workers: int,
                     subset: LabelSubset | None = None) -> dict:
     """Loss, top-1 and top-5 accuracy of ``engine``'s model on ``dataset`` (an ImageFolderDataset).
 
@@ -69,64 +69,41 @@ def _subset_label_map(subset: LabelSubset, num_classes: int) -> torch.Tensor:
     return table
 
 
-class LocalEvaluator:
-    """The engine interface evaluate_images needs, for one process and a plain model."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: str):
-        self.model, self.device, self.dtype = model, device, dtype
-
-    @contextlib.contextmanager
-    def evaluating(self):
-        self.model.eval()
-        yield
-
-    @torch.no_grad()
-    def eval_forward(self, x, y=None, **kwargs):
-        with autocast_ctx(self.device, self.dtype):
-            return self.model(x.to(self.device), None, **kwargs)
-
-    @staticmethod
-    def all_sum(values: list[float]) -> list[float]:
-        return list(values)
-
-
 def summary(ev: dict) -> dict:
     """JSON row of one dataset: accuracy_summary's names plus loss and unreadable images."""
     return {"num_images": ev["images"], "top1_acc": ev["top1"], "top5_acc": ev["top5"],
             "top1_error": 1.0 - ev["top1"], "loss": ev["loss"], "unreadable": ev["unreadable"]}
 
 
-def evaluate_vision_checkpoint(args: argparse.Namespace, cfg, weights: dict, saved: dict, step_dir: Path) -> dict:
+def evaluate_vision_checkpoint(req: EvalRequest, cfg, weights: dict, meta: CheckpointMeta, step_dir: Path) -> dict:
     """msmoe-eval for a V-MoE checkpoint: val (the run's own, or --imagenet-val), then A, R and C if given."""
     from msmoe_dist.data.imagenet_classes import IMAGENET_WNIDS
     from msmoe_dist.data.images import ImageDataError, ImageFolderDataset, eval_transform
-    from msmoe_dist.models import VisionMoE
-    from msmoe_dist.train.trainer import pick_device
+    from msmoe_dist.models.build import build_model
+    from msmoe_dist.parallel.runtime import pick_device
 
-    device = pick_device(args.device)
-    model = VisionMoE(cfg.model, cfg.moe, cfg.momentum, cfg.vision).to(device)
+    device = pick_device(req.device)
+    model = build_model(cfg.model, cfg.moe, cfg.momentum, cfg.vision, cfg.vision.num_classes).to(device)
     model.load_state_dict(weights)
     ev = LocalEvaluator(model, device, "bf16" if cfg.train.dtype == "bf16" else "fp32")
-    v, bs = cfg.vision, args.batch_size or cfg.data.batch_size
+    v, bs = cfg.vision, req.batch_size or cfg.data.batch_size
     transform = eval_transform(v)
 
     def score(root, subset=None, class_to_idx=None) -> dict:
         data = ImageFolderDataset(root, v.num_classes, transform, class_to_idx=class_to_idx)
-        return evaluate_images(ev, data, bs, args.batches, args.workers, subset)
+        return evaluate_images(ev, data, bs, req.batches, req.workers, subset)
 
     # Folders named by other than ImageNet wnids are numbered as in training (the run's sorted classes).
-    trained = list(saved.get("classes") or [])
+    trained = list(meta.data.get("classes") or [])
     own_labels = None if set(trained) <= set(IMAGENET_WNIDS) else {c: i for i, c in enumerate(sorted(trained))}
 
-    result: dict = {"checkpoint": str(step_dir), "step": saved["step"]}
+    result: dict = {"checkpoint": str(step_dir), "step": meta.step}
     t0 = time.perf_counter()
-    val_root = args.imagenet_val or _run_val_folder(cfg)
+    val_root = req.imagenet_val or _run_val_folder(cfg)
     if val_root:
         result["val"] = summary(score(val_root, class_to_idx=own_labels))
-    subsets = [("imagenet_a", args.imagenet_a), ("imagenet_r", args.imagenet_r)]
-    if any(root for _, root in subsets) or args.imagenet_c:
+    subsets = [("imagenet_a", req.imagenet_a), ("imagenet_r", req.imagenet_r)]
+    if any(root for _, root in subsets) or req.imagenet_c:
         if v.num_classes != 1000 or not set(trained) <= set(IMAGENET_WNIDS):
             raise ImageDataError(f"{step_dir}: ImageNet-A/R/C scoring needs a 1000-way model trained on ImageNet "
                                  f"wnid folders; this one has vision.num_classes={v.num_classes} and classes "
@@ -134,8 +111,8 @@ def evaluate_vision_checkpoint(args: argparse.Namespace, cfg, weights: dict, sav
     for name, root in subsets:
         if root:
             result[name] = summary(score(root, LabelSubset.from_name(name, IMAGENET_WNIDS)))
-    if args.imagenet_c:
-        folders = discover_imagenet_c(args.imagenet_c)
+    if req.imagenet_c:
+        folders = discover_imagenet_c(req.imagenet_c)
         errors = {c: {s: 1.0 - score(path)["top1"] for s, path in sevs.items()} for c, sevs in folders.items()}
         clean = result["val"]["top1_error"] if "val" in result else None
         result["imagenet_c"] = mce(errors, clean_error=clean)

@@ -49,9 +49,9 @@ def trained(tmp_path_factory):
 def test_training_on_real_jpegs_maps_wnids_to_canonical_classes(trained):
     tmp, files = trained
     from msmoe_dist.data.imagenet_classes import IMAGENET_WNIDS
-    from msmoe_dist.train.checkpoint import read_seal, resolve_checkpoint
+    from msmoe_dist.checkpoint import read_meta, resolve_checkpoint
 
-    seal = read_seal(resolve_checkpoint(tmp / "run"))
+    seal = read_meta(resolve_checkpoint(tmp / "run")).data
     assert sorted(seal["classes"]) == sorted({f.name.split("_")[0] for f in files})
     assert set(seal["classes"]) <= set(IMAGENET_WNIDS)
     rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -87,11 +87,10 @@ def test_robustness_eval_matches_a_hand_computation(trained):
     from msmoe_dist.config.loader import config_from_dict
     from msmoe_dist.data.images import ImageFolderDataset, eval_transform
     from msmoe_dist.models import VisionMoE
-    from msmoe_dist.train.checkpoint import resolve_checkpoint
-    from msmoe_dist.train.weights import load_full_weights
+    from msmoe_dist.checkpoint import load_full_weights, resolve_checkpoint
 
-    weights, saved = load_full_weights(resolve_checkpoint(tmp / "run"))
-    cfg = config_from_dict(saved["config"])
+    weights, meta = load_full_weights(resolve_checkpoint(tmp / "run"))
+    cfg = config_from_dict(meta.config)
     model = VisionMoE(cfg.model, cfg.moe, cfg.momentum, cfg.vision)
     model.load_state_dict(weights)
     model.eval()

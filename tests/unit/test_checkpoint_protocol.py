@@ -1,53 +1,107 @@
-"""The checkpoint protocol: `latest` moves only after a complete write; partial saves are never read."""
+"""The checkpoint protocol: `latest` moves only after a complete write; partial saves are never read;
+the metadata round-trips in the on-disk format older checkpoints have; one check names every difference."""
+
+import json
+from pathlib import Path
 
 import pytest
 
-from msmoe_dist.train.checkpoint import (
+from msmoe_dist.checkpoint import (
     CheckpointError,
+    Checkpointer,
+    CheckpointMeta,
     latest_checkpoint,
-    read_seal,
+    read_meta,
     resolve_checkpoint,
-    save_checkpoint,
 )
+from msmoe_dist.config import load_config
+from msmoe_dist.config.loader import config_to_dict
+from msmoe_dist.config.model_spec import ModelSpec
+
+LAYOUT = {"engine": "native", "world_size": 1, "ep_size": 1, "zero_stage": None, "dtype": "fp32"}
 
 
-def writer(payload):
-    def write(d):
-        (d / "state.pt").write_text(payload)
-    return write
+class Files:
+    def __init__(self, payload, die=False):
+        self.payload, self.die = payload, die
+
+    def save_files(self, step_dir):
+        (step_dir / "state.pt").write_text(self.payload)
+        if self.die:
+            raise KeyboardInterrupt("killed mid-write")
+
+    def load_files(self, step_dir, meta):
+        raise AssertionError("not used")
+
+
+def meta(step):
+    return CheckpointMeta(step, LAYOUT, {})
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
-    root = tmp_path / "checkpoints"
-    save_checkpoint(root, 2, writer("two"), {"engine": "native"}, "cfg: 1\n", keep_last=3)
-
-    def dies(d):
-        (d / "state.pt").write_text("half")
-        raise KeyboardInterrupt("killed mid-write")
-
+    ck = Checkpointer(tmp_path / "checkpoints", keep_last=3)
+    ck.save(meta(2), Files("two"), "cfg: 1\n")
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(root, 4, dies, {"engine": "native"}, "", keep_last=3)
+        ck.save(meta(4), Files("half", die=True), "")
+    root = tmp_path / "checkpoints"
     assert (root / ".step_00000004.partial").exists()
     assert latest_checkpoint(root).name == "step_00000002"
     assert resolve_checkpoint(tmp_path).name == "step_00000002"
     assert (root / "step_00000002" / "state.pt").read_text() == "two"
+    assert (root / "step_00000002" / "config.yaml").read_text() == "cfg: 1\n"
     # the next save of that step clears the leftovers and completes
-    save_checkpoint(root, 4, writer("four"), {"engine": "native"}, "", keep_last=3)
+    ck.save(meta(4), Files("four"), "")
     assert not (root / ".step_00000004.partial").exists()
-    assert read_seal(latest_checkpoint(root)) == {"step": 4, "engine": "native"}
+    assert read_meta(latest_checkpoint(root)) == meta(4)
 
 
 def test_unsealed_directory_is_not_a_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step_00000009").mkdir(parents=True)
-    (root / "latest").write_text("step_00000009\n")  # a marker pointing at an unsealed dir is ignored
+    (root / "latest").write_text("step_00000009\n")  # a marker pointing at a directory without metadata is ignored
     assert latest_checkpoint(root) is None
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_checkpoint(tmp_path)
 
 
 def test_keep_last_prunes_oldest(tmp_path):
-    root = tmp_path / "checkpoints"
+    ck = Checkpointer(tmp_path / "checkpoints", keep_last=2)
     for step in (1, 2, 3, 4):
-        save_checkpoint(root, step, writer(str(step)), {"engine": "native"}, "", keep_last=2)
-    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000004"]
+        ck.save(meta(step), Files(str(step)), "")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
+
+
+def test_metadata_keeps_the_flat_on_disk_format(tmp_path):
+    m = CheckpointMeta(7, LAYOUT, {"model": {"d_model": 8}}, {"vocab_size": 10, "vocab_sha256": "ab"},
+                       {"metrics": {"bytes": 12}})
+    Checkpointer(tmp_path, keep_last=1).save(m, Files("x"), "")
+    on_disk = json.loads((tmp_path / "step_00000007" / "complete.json").read_text())
+    assert on_disk == {"step": 7, **LAYOUT, "config": {"model": {"d_model": 8}}, "vocab_size": 10,
+                       "vocab_sha256": "ab", "parts": {"metrics": {"bytes": 12}}}
+    assert read_meta(tmp_path / "step_00000007") == m
+    # a checkpoint written before the metadata had a name (no parts) reads the same way
+    old = {"step": 3, **LAYOUT, "config": {}, "num_classes": 10, "classes": ["a"]}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "complete.json").write_text(json.dumps(old))
+    assert read_meta(tmp_path / "old") == CheckpointMeta(3, LAYOUT, {}, {"num_classes": 10, "classes": ["a"]})
+
+
+def test_one_check_names_every_difference():
+    cfg = load_config(None, [])
+    saved = CheckpointMeta(4, {**LAYOUT, "engine": "deepspeed", "world_size": 2, "ep_size": 2, "zero_stage": 1},
+                           config_to_dict(cfg))
+    now = load_config(None, ["moe.num_experts=4", "model.d_model=64"])
+    with pytest.raises(CheckpointError) as err:
+        saved.check_resume(Path("step_00000004"), {**LAYOUT, "engine": "deepspeed", "world_size": 4, "ep_size": 2,
+                                                   "zero_stage": 2}, ModelSpec.of(now))
+    msg = str(err.value)
+    for needle in ("cannot resume step_00000004", "moe.num_experts", "model.d_model", "world_size=4",
+                   "zero_stage=2", "checkpoint.init_from"):
+        assert needle in msg, (needle, msg)
+    assert "ep_size" not in msg and "\n" not in msg
+    # the native engine keeps fp32 weights: its dtype may change; the weights-only check ignores the layout
+    native = CheckpointMeta(4, LAYOUT, config_to_dict(cfg))
+    native.check_resume(Path("s"), {**LAYOUT, "dtype": "bf16"}, ModelSpec.of(cfg))
+    saved.check_weights(Path("s"), ModelSpec.of(cfg))
+    with pytest.raises(CheckpointError, match="moe.num_experts"):
+        saved.check_weights(Path("s"), ModelSpec.of(now))

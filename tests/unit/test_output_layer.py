@@ -13,7 +13,10 @@ from msmoe_dist.config.schema import Config, ModelConfig, MoEConfig, MomentumCon
 from msmoe_dist.eval.lm import evaluate_lm
 from msmoe_dist.models import MoELanguageModel
 from msmoe_dist.models.output import chunked_cross_entropy
-from msmoe_dist.train.trainer import TrainError, check_resume_compatible, resolve_vocab_size
+from msmoe_dist.checkpoint import CheckpointError, CheckpointMeta
+from msmoe_dist.config.model_spec import ModelSpec
+from msmoe_dist.train.errors import TrainError
+from msmoe_dist.train.tasks import resolve_vocab_size
 
 V = 60
 
@@ -234,8 +237,8 @@ def test_cutoffs_checked_against_a_given_vocabulary():
     # vocab_size=0 takes the data's: checked when the data is loaded
     cfg = load_config(None, base)
     with pytest.raises(TrainError, match="model.adaptive_cutoffs"):
-        resolve_vocab_size(cfg, 150)
-    assert resolve_vocab_size(cfg, 250) == 250
+        resolve_vocab_size(cfg.model, 150)
+    assert resolve_vocab_size(cfg.model, 250) == 250
 
 
 def test_other_output_keys_checked():
@@ -245,12 +248,15 @@ def test_other_output_keys_checked():
 
 
 def test_resume_may_switch_between_full_and_chunked_only():
-    saved = config_to_dict(Config())
+    from pathlib import Path
+
+    layout = {"engine": "native"}
+    saved = CheckpointMeta(4, layout, config_to_dict(Config()))
     cfg = load_config(None, ["model.output_layer=chunked", "model.output_chunk_tokens=64"])
-    check_resume_compatible(cfg, saved)  # same weights, same function
+    saved.check_resume(Path("step_4"), layout, ModelSpec.of(cfg))  # same weights, same function
     cfg = load_config(None, ["model.output_layer=adaptive", "model.tie_embeddings=false"])
-    with pytest.raises(TrainError, match="cannot resume"):
-        check_resume_compatible(cfg, saved)
+    with pytest.raises(CheckpointError, match="cannot resume.*model.output_layer"):
+        saved.check_resume(Path("step_4"), layout, ModelSpec.of(cfg))
 
 
 def test_wikitext103_configs_use_the_chunked_full_softmax():

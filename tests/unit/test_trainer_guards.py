@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from msmoe_dist.config import load_config
-from msmoe_dist.train import trainer
-from msmoe_dist.train.checkpoint import latest_checkpoint, read_seal, torch_load
+from msmoe_dist.checkpoint import latest_checkpoint, read_meta, torch_load
+from msmoe_dist.train import tasks, trainer
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -20,10 +20,10 @@ def tiny_cfg(tmp_path, *extra):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real_build = trainer.build_model
+    real_build = tasks.build_model
 
-    def poisoned(cfg, vocab_size, dispatcher=None):
-        model = real_build(cfg, vocab_size, dispatcher)
+    def poisoned(*args):
+        model = real_build(*args)
         calls = {"n": 0}
         orig_forward = model.forward
 
@@ -37,14 +37,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         model.forward = forward
         return model
 
-    monkeypatch.setattr(trainer, "build_model", poisoned)
+    monkeypatch.setattr(tasks, "build_model", poisoned)
     cfg = tiny_cfg(tmp_path)
     with pytest.raises(trainer.NonFiniteLoss, match="step 5.*step_00000004"):
         trainer.run(cfg)
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt.name == "step_00000004"
     state = torch_load(ckpt / "state.pt")
-    assert state["step"] == 4 and read_seal(ckpt)["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert read_meta(ckpt).step == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
 

@@ -159,10 +159,14 @@ def test_vit_benchmark_prints_every_variant_against_vmoe():
 
 
 def test_resume_refuses_a_different_vision_network_but_not_other_augmentation():
-    from msmoe_dist.config.loader import config_to_dict
-    from msmoe_dist.train.trainer import TrainError, check_resume_compatible
+    from pathlib import Path
 
-    saved = config_to_dict(tiny_cfg())
-    check_resume_compatible(tiny_cfg("vision.mixup_alpha=0.2", "vision.randaugment_ops=2"), saved)
-    with pytest.raises(TrainError, match="vision.patch_size"):
-        check_resume_compatible(tiny_cfg("vision.patch_size=16"), saved)
+    from msmoe_dist.checkpoint import CheckpointError, CheckpointMeta
+    from msmoe_dist.config.loader import config_to_dict
+    from msmoe_dist.config.model_spec import ModelSpec
+
+    layout = {"engine": "native"}
+    saved = CheckpointMeta(4, layout, config_to_dict(tiny_cfg()))
+    saved.check_resume(Path("step_4"), layout, ModelSpec.of(tiny_cfg("vision.mixup_alpha=0.2", "vision.randaugment_ops=2")))
+    with pytest.raises(CheckpointError, match="vision.patch_size"):
+        saved.check_resume(Path("step_4"), layout, ModelSpec.of(tiny_cfg("vision.patch_size=16")))
