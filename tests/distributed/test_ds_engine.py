@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_harness import run_distributed
 from msmoe_dist.config import load_config
 from msmoe_dist.data import train_batch
 from msmoe_dist.parallel import ParallelLayout, build_process_groups, is_expert_key
@@ -72,7 +71,7 @@ def _norm_worker(rank, world, ep, stage, gas):
 
 
 @pytest.mark.parametrize("world,ep,stage,gas", [(2, 2, 0, 1), (2, 2, 2, 1), (4, 2, 1, 1), (2, 2, 2, 2)])
-def test_global_grad_norm_and_update_equal_single_process(world, ep, stage, gas):
+def test_global_grad_norm_and_update_equal_single_process(world, ep, stage, gas, run_distributed):
     norms = run_distributed(_norm_worker, world, ep, stage, gas, timeout_s=300)
     assert len(set(norms)) == 1  # every rank reports the same global norm
 
@@ -118,7 +117,7 @@ def _ckpt_worker(rank, world, root):
     return sorted(os.listdir(step_dir))
 
 
-def test_checkpoint_keeps_every_rank_experts_and_reshards(tmp_path):
+def test_checkpoint_keeps_every_rank_experts_and_reshards(tmp_path, run_distributed):
     files = run_distributed(_ckpt_worker, 4, str(tmp_path), timeout_s=400)[0]
     assert {"experts_ep000.pt", "experts_ep001.pt", "complete.json"} <= set(files)
     assert {f"rank{r:05d}.pt" for r in range(4)} <= set(files)

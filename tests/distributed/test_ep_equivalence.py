@@ -12,7 +12,6 @@ import itertools
 import pytest
 import torch
 
-from dist_harness import run_distributed
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models import MoELanguageModel
 from msmoe_dist.moe import MoELayer
@@ -129,7 +128,7 @@ def _worker(rank, world, ep_size):
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)])
-def test_expert_parallel_equals_single_process(world, ep_size):
+def test_expert_parallel_equals_single_process(world, ep_size, run_distributed):
     results = run_distributed(_worker, world, ep_size, timeout_s=300)
     assert all(len(r["layer"]) == 8 for r in results)
     # Momentum stays home: only token rows cross the all-to-alls, whatever the momentum variant.

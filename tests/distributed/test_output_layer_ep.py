@@ -4,7 +4,6 @@ global batch. The output layer is a dense parameter: its gradient is averaged ov
 
 import torch
 
-from dist_harness import run_distributed
 from msmoe_dist.config import load_config
 from msmoe_dist.data import train_batch
 from msmoe_dist.parallel import ParallelLayout, build_process_groups, is_expert_key
@@ -52,6 +51,6 @@ def _worker(rank, world):
     return norms
 
 
-def test_chunked_and_adaptive_under_expert_parallel_deepspeed():
+def test_chunked_and_adaptive_under_expert_parallel_deepspeed(run_distributed):
     norms = run_distributed(_worker, 2, timeout_s=240)
     assert norms[0] == norms[1]  # every rank reports the same global norm

@@ -10,7 +10,6 @@ distilled router, whose parameters must get no gradient on any rank).
 import pytest
 import torch
 
-from dist_harness import run_distributed
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models import MoELanguageModel
 from msmoe_dist.moe import MoELayer
@@ -110,6 +109,6 @@ def _worker(rank, world, ep_size):
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2)])
-def test_stablemoe_expert_parallel_equals_single_process(world, ep_size):
+def test_stablemoe_expert_parallel_equals_single_process(world, ep_size, run_distributed):
     results = run_distributed(_worker, world, ep_size, timeout_s=300)
     assert all(len(r) == 8 for r in results)

@@ -9,7 +9,6 @@ capacity modes; ranks with different batch sizes (the capacity is agreed across 
 import pytest
 import torch
 
-from dist_harness import run_distributed
 from msmoe_dist.config.loader import load_config
 from msmoe_dist.models import VisionMoE
 from msmoe_dist.parallel import AllToAllDispatcher, ParallelLayout, build_process_groups, is_expert_key, shard_expert_state
@@ -60,5 +59,5 @@ def _worker(rank, world):
 
 
 @pytest.mark.timeout(300)
-def test_vmoe_expert_parallel_equals_single_process():
+def test_vmoe_expert_parallel_equals_single_process(run_distributed):
     assert run_distributed(_worker, 2, timeout_s=240, collective_timeout_s=60) == [len(CASES)] * 2
