@@ -263,12 +263,14 @@ def test_layer_stats_are_detached_python_values():
 
 
 def test_layer_bench_smoke():
+    """msmoe-bench layer runs on a tiny shape and reports consistent figures (no timing is asserted;
+    the DeepSpeed comparison, which builds a process group, stays off in a unit test)."""
     import argparse
 
     from msmoe_dist.bench.layer import add_layer_args, run_layer_bench
 
     args = add_layer_args(argparse.ArgumentParser()).parse_args(
-        "--tokens 64 --d-model 16 --ffn 32 --experts 4 --top-k 2 --repeats 2 --warmup 1".split()
+        "--tokens 64 --d-model 16 --ffn 32 --experts 4 --top-k 2 --repeats 2 --warmup 1 --no-deepspeed".split()
     )
     r = run_layer_bench(args)
     assert r["shapes"]["rows_per_expert"] == 32 and r["floor_ms"] == min(r["floor_bmm_ms"], r["floor_loop_ms"])
