@@ -19,7 +19,6 @@ import functools
 import math
 import os
 import re
-import tempfile
 import textwrap
 import typing
 from typing import Any, Iterable, Mapping
@@ -27,6 +26,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from msmoe_dist.config.schema import Config
+from msmoe_dist.io import atomic_write
 
 COMMAND_LINE = "command line"
 DEFAULT_SOURCE = "default"
@@ -401,24 +401,10 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML to ``path`` atomically (temp file in the same folder + os.replace)."""
+    """Write ``cfg`` as YAML to ``path`` atomically (creating its folder), so it is never half-written."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    text = "# msmoe_dist configuration (complete; load with --config)\n" + config_to_yaml(cfg)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, "# msmoe_dist configuration (complete; load with --config)\n" + config_to_yaml(cfg))
 
 
 # --------------------------------------------------------------------------------------------

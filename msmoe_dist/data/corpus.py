@@ -20,13 +20,13 @@ unreadable cache) rebuilds the entry.  Caching is best effort: a read-only corpu
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from msmoe_dist.io import atomic_output
 
 from .errors import DataError
 from .synthetic import CACHE_DIR, generate_corpus
@@ -156,14 +156,14 @@ def _read_cache(path: Path, expected: dict) -> dict | None:
 
 
 def _write_cache(path: Path, payload: dict) -> None:
-    """torch.save via a temp file and os.replace; failures only cost speed, so they are logged, not raised."""
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    """torch.save, atomically; failures only cost speed, so they are logged, not raised.
+
+    No fsync: a cache entry lost or torn by a power cut fails its key or its load and is rebuilt."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path, fsync=False) as f:
+            torch.save(payload, f)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.warning("could not write cache %s (%s); continuing without it", path, exc)
 
 

@@ -26,13 +26,13 @@ header's token count raises ``DataError``.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from msmoe_dist.io import atomic_output, atomic_write, temp_path_for
 
 from .errors import DataError
 from .tokenizer import SentencePieceTokenizer, WordTokenizer, read_text_blocks, scan_words, train_tokenizer
@@ -48,53 +48,33 @@ def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".tmp-{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _encode_split(tokenizer, src: Path, dst: Path, dtype: np.dtype, progress) -> dict:
     """Stream ``src`` through the tokenizer into ``dst``; returns the split's counts."""
-    tmp = _tmp(dst)
     tokens = lines = unk = 0
     pending, pending_len = [], 0
     unk_id = tokenizer.vocab.unk_id
-    try:
-        with open(tmp, "wb") as out:
-            for text, nbytes in read_text_blocks(src):
-                ids = tokenizer.encode_text(text)
-                lines += text.count("\n")
-                unk += int(np.count_nonzero(ids == unk_id))
-                pending.append(ids.astype(dtype))
-                pending_len += len(ids)
-                if pending_len >= _CHUNK_TOKENS:
-                    out.write(np.concatenate(pending).tobytes())
-                    tokens += pending_len
-                    pending, pending_len = [], 0
-                progress.update(nbytes)
-            if pending:
+    with atomic_output(dst) as out:
+        for text, nbytes in read_text_blocks(src):
+            ids = tokenizer.encode_text(text)
+            lines += text.count("\n")
+            unk += int(np.count_nonzero(ids == unk_id))
+            pending.append(ids.astype(dtype))
+            pending_len += len(ids)
+            if pending_len >= _CHUNK_TOKENS:
                 out.write(np.concatenate(pending).tobytes())
                 tokens += pending_len
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                pending, pending_len = [], 0
+            progress.update(nbytes)
+        if pending:
+            out.write(np.concatenate(pending).tobytes())
+            tokens += pending_len
     return {"file": dst.name, "tokens": tokens, "lines": lines, "unk": unk, "source": src.name,
             "source_bytes": src.stat().st_size}
 
 
 def _word_train_pass(src: Path, dst: Path | None, progress) -> tuple[WordTokenizer, dict | None]:
     """The word vocabulary of ``src`` and, if ``dst`` is given, its ids written there: one read of the text."""
-    provisional = _tmp(dst) if dst is not None else None
+    provisional = temp_path_for(dst) if dst is not None else None  # scratch file, always deleted
     try:
         if provisional is None:
             words, counts, lines = scan_words(src, progress)
@@ -109,16 +89,10 @@ def _word_train_pass(src: Path, dst: Path | None, progress) -> tuple[WordTokeniz
             return WordTokenizer(vocab), None
         remap = np.array([vocab.stoi[w] for w in words], dtype=np.int64)  # provisional id -> final id
         dtype = _dtype_for(len(vocab))
-        final = _tmp(dst)
-        try:
-            # Plain chunked reads, not a memmap: mapped pages would count toward (and inflate) our RSS.
-            with open(provisional, "rb") as f, open(final, "wb") as out:
-                for _ in range(0, total, _CHUNK_TOKENS):
-                    out.write(remap[np.fromfile(f, dtype="<u4", count=_CHUNK_TOKENS)].astype(dtype).tobytes())
-            os.replace(final, dst)
-        except BaseException:
-            final.unlink(missing_ok=True)
-            raise
+        # Plain chunked reads, not a memmap: mapped pages would count toward (and inflate) our RSS.
+        with open(provisional, "rb") as f, atomic_output(dst) as out:
+            for _ in range(0, total, _CHUNK_TOKENS):
+                out.write(remap[np.fromfile(f, dtype="<u4", count=_CHUNK_TOKENS)].astype(dtype).tobytes())
         unk = int(counts[words.index(UNK)]) if UNK in words else 0
         return WordTokenizer(vocab), {"file": dst.name, "tokens": total, "lines": lines, "unk": unk,
                                       "source": src.name, "source_bytes": src.stat().st_size}
@@ -171,7 +145,7 @@ def prepare_corpus(src_dir, out_dir, splits=("train", "valid", "test"), tokenize
     dtype = _dtype_for(len(vocab))
     vocab.save(out / VOCAB)
     if isinstance(tok, SentencePieceTokenizer):
-        _write_bytes_atomic(out / SP_MODEL, tok.model_proto)
+        atomic_write(out / SP_MODEL, tok.model_proto)
     else:
         (out / SP_MODEL).unlink(missing_ok=True)
 
@@ -188,7 +162,7 @@ def prepare_corpus(src_dir, out_dir, splits=("train", "valid", "test"), tokenize
         "splits": counts, "source_dir": str(Path(src_dir).resolve()),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    _write_bytes_atomic(out / META, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    atomic_write(out / META, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return meta
 
 

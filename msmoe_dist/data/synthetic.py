@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import secrets
 from pathlib import Path
+
+from msmoe_dist.io import TMP_PREFIX, atomic_write
 
 from .errors import DataError
 
@@ -31,7 +31,6 @@ MANIFEST = "corpus.json"
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
 CACHE_DIR = ".msmoe_cache"  # corpus.py's encoded-tensor cache; its presence does not make a directory foreign
 _OWN_EXTRA = (CACHE_DIR,)
-_TMP_PREFIX = ".tmp-"
 
 _NAMES = ("Aldric Bertram Cedric Doran Edwyn Falko Gideon Halvar Isolde Jorund Kestrel Leofric Maren "
           "Niall Osric Perrin Quillon Rowena Sigrun Tamsin Ulric Vesna Wilmar Yorick Anselm Brina Corwin "
@@ -181,22 +180,6 @@ def _split_seed(seed: int, split: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and os.replace, so readers never see half a file.
-
-    The temp name is unique per process, so ranks generating the same corpus at once each
-    replace the file with identical bytes.  open("xb") keeps the umask's permissions.
-    """
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _check_count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise DataError(f"synthetic corpus: {name} must be an integer >= {minimum}, got {value!r}")
@@ -244,20 +227,21 @@ def generate_corpus(out_dir, num_train_lines: int, seed: int,
     out.mkdir(parents=True, exist_ok=True)
     # The manifest goes first, marked incomplete, so a crash mid-way leaves a directory we
     # recognise as ours (and regenerate) instead of one that looks foreign.
-    _write_atomic(out / MANIFEST, _dump({**params, "complete": False}))
+    atomic_write(out / MANIFEST, _dump({**params, "complete": False}))
     files = {}
     for split, n in lines.items():
         data = "\n".join(_split_lines(random.Random(_split_seed(seed, split)), n)).encode("utf-8") + b"\n"
-        _write_atomic(out / SPLIT_FILES[split], data)
+        atomic_write(out / SPLIT_FILES[split], data)
         files[split] = {"name": SPLIT_FILES[split], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {**params, "complete": True, "files": files}
-    _write_atomic(out / MANIFEST, _dump(manifest))
+    atomic_write(out / MANIFEST, _dump(manifest))
     return manifest
 
 
 def _is_own(name: str) -> bool:
-    # Without a manifest even train.txt is someone else's (a real corpus): only temp files and caches are ours.
-    return name in _OWN_EXTRA or name.startswith(_TMP_PREFIX)
+    # Without a manifest even train.txt is someone else's (a real corpus): only caches and atomic_write's
+    # temp files (left by a crash) are ours.
+    return name in _OWN_EXTRA or name.startswith(TMP_PREFIX)
 
 
 def _read_manifest(out: Path) -> dict | None:

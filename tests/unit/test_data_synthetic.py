@@ -67,7 +67,7 @@ def test_second_call_is_a_no_op(tmp_path, monkeypatch):
     # The second call must neither generate text nor write a file (what "fast" meant; no clock involved).
     calls = []
     monkeypatch.setattr(synthetic, "_split_lines", lambda *a: calls.append("_split_lines"))
-    monkeypatch.setattr(synthetic, "_write_atomic", lambda *a: calls.append("_write_atomic"))
+    monkeypatch.setattr(synthetic, "atomic_write", lambda *a: calls.append("atomic_write"))
     second = generate_corpus(tmp_path, 300, seed=5)
     assert calls == []
     assert first == second
