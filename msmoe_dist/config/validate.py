@@ -1,6 +1,6 @@
 """Every range and cross-field check of the configuration, in one function.
 
-:func:`validate` raises a one-line :class:`~msmoe_dist.config.loader.ConfigError` for the first
+:func:`validate` raises a one-line :class:`~msmoe_dist.config.errors.ConfigError` for the first
 problem it finds, naming the key(s), where their values came from (when ``sources`` is given),
 what was expected and what was got.  Checks that depend on the machine (is CUDA there, does
 ``parallel.ep_size`` divide the world size) are runtime checks and do not belong here.
@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from msmoe_dist.config.loader import ConfigError, all_keys, check_value, key_error, show
+from msmoe_dist.config.errors import ConfigError, key_error, show
+from msmoe_dist.config.fields import all_keys, check_value
+from msmoe_dist.config.moe_placement import lm_moe_blocks, vit_moe_blocks
+from msmoe_dist.config.output_layer import parse_cutoffs
 from msmoe_dist.config.schema import Config
-from msmoe_dist.models.layouts import lm_moe_blocks, vit_moe_blocks
-from msmoe_dist.models.output import parse_cutoffs
 
-__all__ = ["validate", "ConfigError", "num_moe_layers"]
-
-
-def num_moe_layers(num_layers: int, layout: str) -> int:
-    """MoE blocks in the language model: all of them for ``switch``; 0, 2, 4, ... for ``glam``; one for ``middle``."""
-    return len(lm_moe_blocks(num_layers, layout))
+__all__ = ["validate", "ConfigError"]
 
 
 def _moe_layers_of(cfg: Config) -> tuple[int, list[str]]:
@@ -29,7 +25,7 @@ def _moe_layers_of(cfg: Config) -> tuple[int, list[str]]:
     if m.kind == "vit":
         return len(vit_moe_blocks(m.num_layers, v.moe_layout, v.moe_every, v.moe_last)), [
             "model.num_layers", "vision.moe_layout", "vision.moe_every" if v.moe_layout == "every" else "vision.moe_last"]
-    return num_moe_layers(m.num_layers, m.layout), ["model.num_layers", "model.layout"]
+    return len(lm_moe_blocks(m.num_layers, m.layout)), ["model.num_layers", "model.layout"]
 
 
 LM_DATA = ("synthetic", "text", "prepared")

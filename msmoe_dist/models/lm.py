@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from msmoe_dist.config.moe_placement import lm_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models.blocks import Block
-from msmoe_dist.models.layouts import lm_moe_blocks
 from msmoe_dist.models.output import build_head, output_logits, output_loss
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 

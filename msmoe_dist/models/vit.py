@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msmoe_dist.config.moe_placement import vit_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig, VisionConfig
 from msmoe_dist.models.blocks import Block
-from msmoe_dist.models.layouts import vit_moe_blocks
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 

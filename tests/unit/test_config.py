@@ -18,7 +18,8 @@ from msmoe_dist.config.loader import (
     save_config,
 )
 from msmoe_dist.config.schema import Config
-from msmoe_dist.config.validate import num_moe_layers, validate
+from msmoe_dist.config.moe_placement import lm_moe_blocks
+from msmoe_dist.config.validate import validate
 
 BAD_NAME = "bad_cfg.yaml"
 
@@ -116,11 +117,11 @@ def test_valid_boundaries_are_accepted():
     load_config(None, ["momentum.kind=heavy_ball", "model.num_layers=2", "momentum.adam_layers=5"])
 
 
-def test_num_moe_layers():
-    assert num_moe_layers(4, "switch") == 4
-    assert num_moe_layers(4, "glam") == 2
-    assert num_moe_layers(5, "glam") == 3
-    assert num_moe_layers(1, "glam") == 1
+def test_lm_moe_blocks():
+    assert lm_moe_blocks(4, "switch") == [0, 1, 2, 3]
+    assert lm_moe_blocks(4, "glam") == [0, 2]
+    assert lm_moe_blocks(5, "glam") == [0, 2, 4]
+    assert lm_moe_blocks(1, "glam") == [0]
 
 
 # ------------------------------------------------------------------------------------------

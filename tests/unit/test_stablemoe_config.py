@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from msmoe_dist.config.loader import ConfigError, load_config
-from msmoe_dist.config.validate import num_moe_layers
+from msmoe_dist.config.moe_placement import lm_moe_blocks
 
 STABLE = ["moe.router=stablemoe", "moe.top_k=1"]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "stablemoe"
@@ -31,7 +31,7 @@ def test_valid_stablemoe_settings_are_accepted():
     load_config(None, STABLE + ["moe.stable_switch_step=0", "moe.stable_balance_coef=0", "model.layout=middle",
                                 "momentum.kind=heavy_ball", "logging.fluct_every=0"])
     load_config(None, STABLE + ["momentum.kind=adam", "model.layout=middle", "momentum.adam_layers=1"])
-    assert num_moe_layers(12, "middle") == 1
+    assert lm_moe_blocks(12, "middle") == [6]
 
 
 @pytest.mark.parametrize("overrides, keys, fragment", [
