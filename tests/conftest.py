@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m msmoe_dist.cli *args`` in the repository root, so relative paths like configs/... resolve."""
-    return subprocess.run([sys.executable, "-m", "msmoe_dist.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "msmoe_dist.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")

@@ -27,11 +27,24 @@ def _worker(fn, rank, world_size, init_file, q, args, collective_timeout_s, mast
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N ranks share 2 cores
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master_port})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": master_port,
+        }
+    )
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=collective_timeout_s))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=collective_timeout_s),
+        )
         out = fn(rank, world_size, *args)
         q.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -56,8 +69,10 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 180.0, collec
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
         port = str(free_port())  # only read by libraries that want MASTER_*; the store is the file
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, q, args, collective_timeout_s, port))
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, q, args, collective_timeout_s, port))
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         results, errors = {}, []

@@ -7,8 +7,7 @@ import re
 
 import pytest
 
-from msmoe_dist.data import DataError, generate_corpus
-from msmoe_dist.data import synthetic
+from msmoe_dist.data import DataError, generate_corpus, synthetic
 
 FILES = ("train.txt", "valid.txt", "test.txt")
 

@@ -49,8 +49,9 @@ class Outcome:
 
 
 def _import_alone(module: str) -> Outcome:
-    res = subprocess.run([sys.executable, "-c", f"import {module}\n{_REPORT}"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", f"import {module}\n{_REPORT}"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     return Outcome(res.returncode == 0, res.stderr, frozenset(res.stdout.split()))
 
 

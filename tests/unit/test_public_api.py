@@ -37,7 +37,7 @@ def readme_example() -> tuple[str, int]:
     fence = starts[0] + 1
     assert lines[fence] == "```python", f"README.md:{fence + 1}: the marker must be followed by a ```python block"
     end = lines.index("```", fence + 1)
-    return "\n".join(lines[fence + 1:end]) + "\n", fence + 2
+    return "\n".join(lines[fence + 1 : end]) + "\n", fence + 2
 
 
 def test_all_lists_exactly_the_public_names_and_each_is_its_subpackages_object():
