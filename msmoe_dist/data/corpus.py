@@ -29,41 +29,15 @@ import torch
 from msmoe_dist.io import atomic_output
 
 from .errors import DataError
+from .prepared import load_tokenizer, map_split, read_meta
+from .splits import SPLITS, find_split_files
 from .synthetic import CACHE_DIR, generate_corpus
 from .tokenizer import SentencePieceTokenizer, WordTokenizer, count_words, tokenizer_settings
 from .vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 _CACHE_VERSION = 1
-
-
-def _candidates(split: str) -> tuple[str, str]:
-    return f"{split}.txt", f"wiki.{split}.tokens"
-
-
-def find_split_files(path, splits=SPLITS) -> dict[str, Path]:
-    """Map each requested split to its file in ``path``; either naming layout is accepted per split."""
-    root = Path(path)
-    layouts = "train.txt/valid.txt/test.txt or wiki.train.tokens/wiki.valid.tokens/wiki.test.tokens"
-    if not root.exists():
-        raise DataError(f"data directory {root} does not exist, expected a directory with {layouts}")
-    if not root.is_dir():
-        raise DataError(f"data path {root} is not a directory, expected a directory with {layouts}")
-    found, missing = {}, []
-    for split in splits:
-        if split not in SPLITS:
-            raise DataError(f"unknown split {split!r}, expected one of {', '.join(SPLITS)}")
-        hit = next((root / n for n in _candidates(split) if (root / n).is_file()), None)
-        if hit is None:
-            missing.append(split)
-        else:
-            found[split] = hit
-    if missing:
-        looked = ", ".join(n for s in missing for n in _candidates(s))
-        raise DataError(f"data directory {root} has no {'/'.join(missing)} split: looked for {looked}")
-    return found
 
 
 @dataclass
@@ -120,8 +94,6 @@ def load_corpus(cfg, splits=SPLITS) -> Corpus:
 
 
 def _load_prepared(cfg, splits) -> Corpus:
-    from .prepared import load_tokenizer, map_split, read_meta
-
     meta = read_meta(cfg.path)
     wanted, have = tokenizer_settings(cfg), meta.get("tokenizer")
     if wanted != have:

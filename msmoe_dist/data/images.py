@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError
+from .errors import ImageDataError  # eval/ and tests import it from here too
 from .imagenet_classes import class_to_index
 
 if TYPE_CHECKING:
@@ -47,13 +47,6 @@ NORM_MEAN = (0.5, 0.5, 0.5)  # V-MoE's [-1, 1] scaling, see the module docstring
 NORM_STD = (0.5, 0.5, 0.5)
 LAYOUT_HINT = "expected train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
 _U64 = (1 << 64) - 1
-
-
-class ImageDataError(DataError):
-    """A user-facing image-data problem; one line naming the path and what was expected.
-
-    A ``DataError`` (hence a ``ValueError``), so the CLI's existing mapping to exit code 2 applies.
-    """
 
 
 # ----------------------------------------------------------------------------- dataset

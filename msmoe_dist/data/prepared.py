@@ -35,6 +35,7 @@ import torch
 from msmoe_dist.io import atomic_output, atomic_write, temp_path_for
 
 from .errors import DataError
+from .splits import SPLITS, find_split_files
 from .tokenizer import SentencePieceTokenizer, WordTokenizer, read_text_blocks, scan_words, train_tokenizer
 from .vocab import UNK, Vocab
 
@@ -110,8 +111,6 @@ def prepare_corpus(src_dir, out_dir, splits=("train", "valid", "test"), tokenize
     are written.  Returns the header (meta.json's content).
     """
     from tqdm import tqdm
-
-    from .corpus import SPLITS, find_split_files
 
     splits = tuple(dict.fromkeys(splits))
     bad = [s for s in splits if s not in SPLITS]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .images import ImageDataError
+from .errors import ImageDataError
 
 if TYPE_CHECKING:
     from msmoe_dist.config.schema import VisionConfig
