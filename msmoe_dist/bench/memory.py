@@ -151,7 +151,7 @@ def _available_gib(device: str) -> float:
 
 
 def run_memory_bench(args: argparse.Namespace) -> dict:
-    from msmoe_dist.bench.timing import machine_info, now_iso
+    from msmoe_dist.bench.common import machine_info, now_iso
     from msmoe_dist.config.loader import load_config
 
     base = load_config(args.config, [f"model.vocab_size={args.vocab}"])
@@ -184,7 +184,7 @@ def run_memory_bench(args: argparse.Namespace) -> dict:
             r["fwd_bwd_ratio_vs_full"] = r["fwd_bwd_increase_gib"] / full["fwd_bwd_increase_gib"]
     chunk = args.chunk_tokens or base.model.output_chunk_tokens
     return {
-        "benchmark": "memory", "date": now_iso(), "machine": machine_info(), "device": args.device,
+        "benchmark": "memory", "date": now_iso(), "machine": machine_info(args.device), "device": args.device,
         "config": args.config, "vocab": args.vocab, "batch_size": B, "seq_len": S, "tokens": tokens,
         "chunk_tokens": chunk, "adaptive_cutoffs": base.model.adaptive_cutoffs,
         "analytic": {"full_logits_gib": logits_gib, "chunk_logits_gib": min(chunk, tokens) * args.vocab * 4 / GIB,

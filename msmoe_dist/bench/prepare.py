@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msmoe_dist.bench.timing import machine_info, now_iso
+from msmoe_dist.bench.common import machine_info, now_iso
 
 WIKITEXT103_TRAIN_TOKENS = 103_227_021  # incl. one <eos> per line (Merity et al. 2016, reference tokenisation)
 WIKITEXT103_VOCAB = 267_735  # incl. <eos>
