@@ -31,8 +31,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def run_model_bench(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    mcfg = ModelConfig(num_layers=args.layers, d_model=args.d_model, num_heads=max(1, args.d_model // 64),
-                       max_seq_len=args.seq)
+    mcfg = ModelConfig(
+        num_layers=args.layers, d_model=args.d_model, num_heads=max(1, args.d_model // 64), max_seq_len=args.seq
+    )
     moe_cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.ffn)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
@@ -45,8 +46,15 @@ def run_model_bench(args: argparse.Namespace) -> dict:
     rounds = timed_rounds(steps, args.repeats, args.warmup, device)
     ms = {k: statistics.median(v) for k, v in rounds.items()}
     base = ms["none"]
-    shapes = {"layers": args.layers, "d_model": args.d_model, "ffn": args.ffn, "experts": args.experts,
-              "top_k": args.top_k, "tokens": args.batch * args.seq, "vocab": args.vocab}
+    shapes = {
+        "layers": args.layers,
+        "d_model": args.d_model,
+        "ffn": args.ffn,
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "tokens": args.batch * args.seq,
+        "vocab": args.vocab,
+    }
     return {
         **header("model_step", shapes, machine_info(device)),
         "step_ms": ms,
