@@ -1,4 +1,5 @@
-"""Typed configuration: schema (dataclasses), YAML + dot-override loader, cross-field validation."""
+"""Typed configuration: schema (dataclasses), YAML + dot-override loader, cross-field validation,
+and ModelSpec, the keys that define the network."""
 
 from msmoe_dist.config.schema import (  # noqa: F401
     CheckpointConfig,
@@ -21,3 +22,4 @@ from msmoe_dist.config.loader import (  # noqa: F401,E402
     save_config,
 )
 from msmoe_dist.config.validate import validate  # noqa: F401,E402
+from msmoe_dist.config.model_spec import ModelSpec  # noqa: F401,E402
