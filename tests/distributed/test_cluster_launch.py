@@ -114,12 +114,12 @@ def test_elastic_restart_after_sigkill_loses_no_step(tmp_path):
 def _hung_peer(rank, world):
     from msmoe_dist.config.schema import MoEConfig
     from msmoe_dist.moe import MoELayer
-    from msmoe_dist.parallel import AllToAllDispatcher, ParallelLayout, build_process_groups
+    from msmoe_dist.parallel import ParallelLayout, apply_expert_parallel, build_process_groups
     from msmoe_dist.parallel.collectives import CollectiveError
 
     pg = build_process_groups(ParallelLayout(world, 2), rank, timeout_s=4)
-    layer = MoELayer(8, MoEConfig(num_experts=4, top_k=1, expert_ffn_dim=8),
-                     dispatcher=AllToAllDispatcher(4, pg.ep, 2, pg.ep_rank))
+    layer = MoELayer(8, MoEConfig(num_experts=4, top_k=1, expert_ffn_dim=8))
+    apply_expert_parallel(layer, pg)
     if rank == 1:
         time.sleep(12)  # hung: never joins the all-to-all
         return "slept"

@@ -14,6 +14,7 @@ import torch
 
 from msmoe_dist.config import load_config
 from msmoe_dist.data import train_batch
+from msmoe_dist.moe import is_expert_param
 from msmoe_dist.parallel import ParallelLayout, build_process_groups, is_expert_key
 from msmoe_dist.train.checkpoint import read_seal, save_checkpoint
 from msmoe_dist.train.trainer import build_model
@@ -64,7 +65,7 @@ def _norm_worker(rank, world, ep, stage, gas):
     mine = dict(eng.model.named_parameters())
     for n, p in ref.named_parameters():
         expect = before[n] - cfg.optim.lr * p.grad
-        if is_expert_key(n):
+        if is_expert_param(p):
             expect = expect[lay.ep_rank(rank) * per:(lay.ep_rank(rank) + 1) * per]
         torch.testing.assert_close(mine[n].detach(), expect, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
     return res.grad_norm
