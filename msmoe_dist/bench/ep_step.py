@@ -21,8 +21,11 @@ from msmoe_dist.bench.common import (
 )
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models import MoELanguageModel
-from msmoe_dist.parallel import AllToAllDispatcher, ProcessGroups, shard_expert_state
-from msmoe_dist.parallel.all_to_all import COMM_TIMER
+from msmoe_dist.parallel import CommStats, ProcessGroups, apply_expert_parallel
+from msmoe_dist.parallel.all_to_all import COUNTS, TOKENS_BACKWARD, TOKENS_FORWARD
+
+# What `all_to_all_ms` sums: the token exchanges both ways and the count exchange (dropless mode)
+ALL_TO_ALLS = (TOKENS_FORWARD, TOKENS_BACKWARD, COUNTS)
 
 
 def add_step_args(p: argparse.ArgumentParser) -> None:
@@ -55,12 +58,9 @@ def run_step_bench(args: argparse.Namespace, device: torch.device, pg: ProcessGr
     mom = MomentumConfig(kind=args.momentum)
     torch.manual_seed(0)
     model = MoELanguageModel(mcfg, moe, mom, args.vocab)
+    comm = CommStats()  # stays empty in one process: no collectives
     if pg is not None:
-        full = model.state_dict()
-        model = MoELanguageModel(
-            mcfg, moe, mom, args.vocab, dispatcher=AllToAllDispatcher(args.experts, pg.ep, world, pg.ep_rank)
-        )
-        model.load_state_dict(shard_expert_state(full, pg.ep_rank, world))
+        apply_expert_parallel(model, pg, comm)
     model.to(device)
     g = torch.Generator().manual_seed(rank)
     idx = torch.randint(0, args.vocab, (args.tokens // args.seq, args.seq + 1), generator=g).to(device)
@@ -69,10 +69,10 @@ def run_step_bench(args: argparse.Namespace, device: torch.device, pg: ProcessGr
 
     def step() -> None:
         train_step()
-        comm_ms.append(COMM_TIMER.seconds * 1e3)
+        comm_ms.append(sum(comm[name].seconds for name in ALL_TO_ALLS) * 1e3)
 
     group = pg.dp if pg is not None else None
-    step_ms = timed_rounds({"step": step}, args.repeats, args.warmup, device, group, reset=COMM_TIMER.reset)["step"]
+    step_ms = timed_rounds({"step": step}, args.repeats, args.warmup, device, group, reset=comm.reset)["step"]
     slowest_comm_ms = max_over_ranks(comm_ms[args.warmup :], group, device)  # as step_ms: the slowest rank
     med, med_comm = statistics.median(step_ms), statistics.median(slowest_comm_ms)
     shapes = {"layers": args.layers, "d_model": args.d_model, "ffn": args.ffn, "seq": args.seq}
