@@ -10,20 +10,21 @@ import dataclasses
 import functools
 import math
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from msmoe_dist.config.errors import did_you_mean, key_error, show
 from msmoe_dist.config.schema import Config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schema_sections() -> dict[str, type]:
     """Section name -> its dataclass, in schema order."""
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def section_fields(section: str) -> dict[str, tuple[dataclasses.Field, Any]]:
     """Key -> (its dataclass field, its type annotation) of one section, in schema order."""
     cls = schema_sections()[section]

@@ -18,7 +18,8 @@ import difflib
 import os
 import re
 import textwrap
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -27,7 +28,6 @@ from msmoe_dist.config.fields import all_keys, check_value, default_of, schema_s
 from msmoe_dist.config.schema import Config
 from msmoe_dist.config.validate import validate
 from msmoe_dist.io import atomic_write
-
 
 # --------------------------------------------------------------------------------------------
 # YAML dialect
@@ -286,8 +286,12 @@ def config_help_text(width: int = 100) -> str:
             head = f"{section}.{key} ({', '.join(meta)}): {f.metadata.get('help', '')}".rstrip()
             lines.extend(
                 textwrap.wrap(
-                    head, width=width, initial_indent="  ", subsequent_indent="      ",
-                    break_long_words=False, break_on_hyphens=False,
+                    head,
+                    width=width,
+                    initial_indent="  ",
+                    subsequent_indent="      ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
                 )
             )
     return "\n".join(lines) + "\n"

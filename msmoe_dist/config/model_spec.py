@@ -10,8 +10,9 @@ lists what differs between this spec and the config a checkpoint was saved with.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from msmoe_dist.config.fields import arch_keys
 from msmoe_dist.config.schema import Config, ModelConfig, MoEConfig, MomentumConfig
@@ -41,13 +42,18 @@ class ModelSpec:
     def of(cls, cfg: Config) -> ModelSpec:
         """The spec of ``cfg`` (copies: changing ``cfg`` later does not change the spec)."""
         vision = {key: getattr(cfg.vision, key) for key in arch_keys("vision")} if cfg.model.kind == "vit" else {}
-        return cls(dataclasses.replace(cfg.model), dataclasses.replace(cfg.moe), dataclasses.replace(cfg.momentum),
-                   vision)
+        return cls(
+            dataclasses.replace(cfg.model), dataclasses.replace(cfg.moe), dataclasses.replace(cfg.momentum), vision
+        )
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """``{section: {key: value}}``, shaped like the saved config :meth:`mismatches` reads."""
-        return {"model": dataclasses.asdict(self.model), "moe": dataclasses.asdict(self.moe),
-                "momentum": dataclasses.asdict(self.momentum), "vision": dict(self.vision)}
+        return {
+            "model": dataclasses.asdict(self.model),
+            "moe": dataclasses.asdict(self.moe),
+            "momentum": dataclasses.asdict(self.momentum),
+            "vision": dict(self.vision),
+        }
 
     def mismatches(self, saved_config: Mapping[str, Any]) -> list[str]:
         """What differs from ``saved_config``, the whole config dict a checkpoint stores, one string per key.

@@ -12,7 +12,7 @@ def parse_cutoffs(text: str) -> list[int]:
     Raises ValueError with what was expected (the config validator adds the key and its source)."""
     parts = [p.strip() for p in str(text).split(",")]
     if not all(p.isascii() and p.isdigit() for p in parts):
-        raise ValueError(f"expected comma-separated positive integers such as \"20000,40000,200000\", got {text!r}")
+        raise ValueError(f'expected comma-separated positive integers such as "20000,40000,200000", got {text!r}')
     cutoffs = [int(p) for p in parts]
     if cutoffs[0] < 1 or any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
         raise ValueError(f"expected positive, strictly increasing cutoffs, got {text!r}")

@@ -60,15 +60,19 @@ class Corpus:
         """The text of split ``name`` (the attack re-reads it); DataError if it is not there."""
         path = self.files.get(name)
         if path is None or not Path(path).is_file():
-            raise DataError(f"the text of the {name} split ({path or 'unknown'}) is not available; expected the "
-                            "text corpus the data was prepared from (pass its directory with --text-path)")
+            raise DataError(
+                f"the text of the {name} split ({path or 'unknown'}) is not available; expected the "
+                "text corpus the data was prepared from (pass its directory with --text-path)"
+            )
         return Path(path)
 
     def split(self, name: str) -> torch.Tensor:
         stream = getattr(self, name, None) if name in SPLITS else None
         if stream is None:
-            raise DataError(f"split {name!r} was not loaded, expected one of the requested splits "
-                            f"({', '.join(s for s in SPLITS if getattr(self, s) is not None)})")
+            raise DataError(
+                f"split {name!r} was not loaded, expected one of the requested splits "
+                f"({', '.join(s for s in SPLITS if getattr(self, s) is not None)})"
+            )
         return stream
 
 
@@ -97,8 +101,10 @@ def _load_prepared(cfg, splits) -> Corpus:
     meta = read_meta(cfg.path)
     wanted, have = tokenizer_settings(cfg), meta.get("tokenizer")
     if wanted != have:
-        raise DataError(f"prepared corpus {cfg.path} was tokenized with {have}, but the config asks for {wanted}; "
-                        "expected matching data.tokenizer/data.sp_* (or prepare the corpus again)")
+        raise DataError(
+            f"prepared corpus {cfg.path} was tokenized with {have}, but the config asks for {wanted}; "
+            "expected matching data.tokenizer/data.sp_* (or prepare the corpus again)"
+        )
     tokenizer = load_tokenizer(cfg.path, meta)
     source = Path(str(meta.get("source_dir", "")))
     files = {s: source / str(e.get("source", "")) for s, e in meta["splits"].items() if isinstance(e, dict)}

@@ -49,9 +49,12 @@ def class_to_index(folder_wnids: list[str], num_classes: int) -> dict[str, int]:
             raise ImageDataError(
                 f"class folder {top} is ImageNet-1K class {mapping[top]}, which does not fit in "
                 f"vision.num_classes={num_classes}; expected vision.num_classes={NUM_IMAGENET_CLASSES} for "
-                "ImageNet wnid folders (a subset of the classes still uses the canonical indices)")
+                "ImageNet wnid folders (a subset of the classes still uses the canonical indices)"
+            )
         return mapping
     if len(names) > num_classes:
-        raise ImageDataError(f"{len(names)} class folders ({names[0]} ... {names[-1]}) do not fit in "
-                             f"vision.num_classes={num_classes}; expected at most {num_classes} folders")
+        raise ImageDataError(
+            f"{len(names)} class folders ({names[0]} ... {names[-1]}) do not fit in "
+            f"vision.num_classes={num_classes}; expected at most {num_classes} folders"
+        )
     return {name: i for i, name in enumerate(names)}

@@ -121,8 +121,13 @@ class Vocab:
 
     def save(self, path) -> None:
         """Write as JSON (tokens in id order), atomically, so it is never half-written."""
-        data = {"format": _FORMAT, "version": _FORMAT_VERSION, "size": len(self), "sha256": self.sha256(),
-                "tokens": self.itos}
+        data = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "size": len(self),
+            "sha256": self.sha256(),
+            "tokens": self.itos,
+        }
         atomic_write(path, json.dumps(data, ensure_ascii=False, indent=0))
 
     @classmethod
@@ -132,11 +137,13 @@ class Vocab:
         except FileNotFoundError:
             raise DataError(f"vocabulary file {path} not found, expected a file written by Vocab.save") from None
         except (OSError, ValueError) as exc:
-            raise DataError(f"vocabulary file {path} is unreadable ({exc.__class__.__name__}), "
-                            "expected JSON written by Vocab.save") from None
+            raise DataError(
+                f"vocabulary file {path} is unreadable ({exc.__class__.__name__}), expected JSON written by Vocab.save"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("tokens"), list):
-            raise DataError(f"vocabulary file {path} is not in the {_FORMAT} format, "
-                            "expected a file written by Vocab.save")
+            raise DataError(
+                f"vocabulary file {path} is not in the {_FORMAT} format, expected a file written by Vocab.save"
+            )
         vocab = cls(data["tokens"])
         if data.get("sha256") not in (None, vocab.sha256()):
             raise DataError(f"vocabulary file {path} fails its sha256 check, expected an unmodified Vocab.save file")

@@ -42,7 +42,10 @@ def test_wikitext_layout_and_line_counts(tmp_path):
     assert any(re.fullmatch(r" = = [A-Z][a-z ]+ = = ", line) for line in lines)
     assert 0.1 < sum(line == " " for line in lines) / len(lines) < 0.6  # blank lines, as in WikiText
     assert generate_corpus(tmp_path / "x", 50, seed=1, num_valid_lines=3, num_test_lines=4)["lines"] == {
-        "train": 50, "valid": 3, "test": 4}
+        "train": 50,
+        "valid": 3,
+        "test": 4,
+    }
 
 
 def test_text_has_learnable_structure(tmp_path):

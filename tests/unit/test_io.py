@@ -21,7 +21,7 @@ def test_writes_bytes_and_str_and_overwrites(tmp_path):
     atomic_write(target, b"\x00\x01bytes")
     assert target.read_bytes() == b"\x00\x01bytes"
     atomic_write(str(target), "Zürich\n")  # str paths too; str data is UTF-8
-    assert target.read_bytes() == "Zürich\n".encode("utf-8")
+    assert target.read_bytes() == "Zürich\n".encode()
     assert os.listdir(tmp_path) == ["a.json"]
 
 

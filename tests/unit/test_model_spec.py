@@ -96,11 +96,19 @@ def test_output_chunk_tokens_never_matters():
     assert ModelSpec.of(lm("model.output_chunk_tokens=8")).mismatches(saved) == []
 
 
-@pytest.mark.parametrize("saved_layer,now_layer,fits", [
-    ("full", "chunked", True), ("chunked", "full", True), ("full", "full", True), ("chunked", "chunked", True),
-    ("full", "adaptive", False), ("adaptive", "full", False), ("chunked", "adaptive", False),
-    ("adaptive", "chunked", False),
-])
+@pytest.mark.parametrize(
+    "saved_layer,now_layer,fits",
+    [
+        ("full", "chunked", True),
+        ("chunked", "full", True),
+        ("full", "full", True),
+        ("chunked", "chunked", True),
+        ("full", "adaptive", False),
+        ("adaptive", "full", False),
+        ("chunked", "adaptive", False),
+        ("adaptive", "chunked", False),
+    ],
+)
 def test_output_layer_full_and_chunked_share_weights(saved_layer, now_layer, fits):
     def cfg(layer):
         return lm(f"model.output_layer={layer}", *(["model.tie_embeddings=false"] if layer == "adaptive" else []))
