@@ -1,9 +1,19 @@
-"""msmoe-bench: `layer` (one MoE layer against its expert-GEMM floor), `model` (momentum variants vs SMoE)."""
+"""msmoe-bench: the benchmark subcommands (they print figures; timing goals are never tests).
+
+Process groups are started here, once, and handed to the benchmarks: under a launcher (torchrun)
+`layer` and `step` run expert parallel with ep_size = world size; in one process `layer` starts a
+world of one only for the DeepSpeed-MoE comparison. No benchmark starts a process group itself.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+
+# Collectives of a benchmark finish in seconds; a peer that is gone should fail the run quickly.
+BENCH_TIMEOUT_S = 120.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="msmoe-bench", description="Benchmarks that print figures (never tests).")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_layer_args(sub.add_parser("layer", help="MoE layer forward+backward vs the expert-GEMM floor"))
+    layer_help = "MoE layer forward+backward vs the expert-GEMM floor (expert parallel under torchrun)"
+    add_layer_args(sub.add_parser("layer", help=layer_help))
     add_model_args(sub.add_parser("model", help="training-step time of MomentumSMoE/AdamSMoE/Robust vs SMoE"))
     from msmoe_dist.bench.prepare import add_prepare_args
 
@@ -44,6 +55,63 @@ def _print_table(result: dict) -> None:
         print(f"  ratio ours/floor: {result['ratio']:.3f}")
 
 
+def _start(device: str, deepspeed_in_one_process: bool = False):
+    """(device, process groups or None) for a benchmark that can run expert parallel.
+
+    Decided once from the launcher's environment: with a world of more than one, torch.distributed
+    and DeepSpeed's comm are started and the EP groups (ep_size = world size) built; other ranks
+    than 0 print nothing. In one process nothing is started unless the DeepSpeed-MoE comparison
+    needs its world of one; if that fails, the comparison is skipped and says why.
+    """
+    import torch
+
+    from msmoe_dist.bench.common import silence_stdout_for_good, stdout_to_stderr
+    from msmoe_dist.config.schema import ParallelConfig
+    from msmoe_dist.parallel import ParallelLayout, build_process_groups
+    from msmoe_dist.parallel.runtime import Runtime
+
+    runtime = Runtime.from_env(device)
+    world = runtime.world_size
+    if world == 1 and not deepspeed_in_one_process:
+        return runtime.device, None
+    if not runtime.is_main:
+        silence_stdout_for_good()
+    if world > 1 and runtime.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share the machine's cores
+    with stdout_to_stderr():  # DeepSpeed logs to stdout while it starts
+        try:
+            runtime.start_distributed(ParallelConfig(ep_size=world, timeout_s=BENCH_TIMEOUT_S))
+        except Exception as exc:  # in one process only the optional comparison needs it
+            if world > 1:
+                raise
+            print(f"msmoe-bench: DeepSpeed-MoE comparison unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if world == 1:
+        return runtime.device, None
+    return runtime.device, build_process_groups(ParallelLayout(world, world), runtime.rank, BENCH_TIMEOUT_S)
+
+
+def _stop() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_parallel(args) -> dict:
+    """`layer` and `step`: the benchmarks that run expert parallel under a launcher."""
+    from msmoe_dist.bench.common import stdout_to_stderr
+    from msmoe_dist.bench.ep_step import run_step_bench
+    from msmoe_dist.bench.layer import run_layer_bench
+
+    layer = args.command == "layer"
+    device, pg = _start(args.device, deepspeed_in_one_process=args.deepspeed) if layer else _start("cpu")
+    try:
+        with stdout_to_stderr():  # library chatter (DeepSpeed's MoE build) must not mix with the result
+            return run_layer_bench(args, device, pg) if layer else run_step_bench(args, device, pg)
+    finally:
+        _stop()
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "memory":
@@ -62,11 +130,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("step", "sweep"):
         if args.command == "step":
-            from msmoe_dist.bench.ep_step import run_step_bench
-
-            result = run_step_bench(args)
-            if result is None:  # ranks other than 0 print nothing
-                return 0
+            result = _run_parallel(args)
         else:
             from msmoe_dist.bench.sweep import run_sweep
 
@@ -74,9 +138,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         print(json.dumps(result) if args.json else json.dumps(result, indent=1))
         return 0
     if args.command == "layer":
-        from msmoe_dist.bench.layer import run_layer_bench
-
-        result = run_layer_bench(args)
+        result = _run_parallel(args)
     elif args.command == "vit":
         from msmoe_dist.bench.vit_step import run_vit_bench
 

@@ -1,194 +1,202 @@
-"""Forward+backward time of one MoELayer against the floor of its expert FFN work.
+"""Forward+backward time of one MoELayer against the floor of its expert FFN work, in one process
+or expert-parallel (the CLI hands in the process groups when it runs under a launcher).
 
-The floor pushes exactly T*K/E rows through every expert (a perfectly balanced routing)
-with no router and no dispatch, once as batched matmuls (bmm over [E, T*K/E, D]) and once
-as a per-expert loop; the faster is the floor.  Ours, floor-bmm and floor-loop are timed in
-turn inside one loop so that drift in machine load hits all three alike; medians reported.
-``experts_only_ms`` times our expert path alone on the floor's balanced rows, so that
-ours - experts_only is what routing and dispatch cost.
+Every rank holds T tokens and L = E/P of the E experts (P = ranks = the expert-parallel degree; in
+one process P = 1 and L = E). The cases, timed in turn within each round at the same shapes:
 
-``deepspeed_ms`` (``--deepspeed``, the default) times DeepSpeed's own MoE layer
-(deepspeed.moe.layer.MoE, top-2 GShard gate, capacity factor 1.25 with token dropping,
-Linear-ReLU-Linear experts) in the same rounds, at ep_size=1 in a process group of one on
-loopback that is created for the run and torn down after it.
+  ours          MoELayer, dropless: the local dispatcher in one process, the AllToAllDispatcher
+                over the EP group otherwise
+  floor_bmm     this rank's expert GEMMs alone on the rows a perfectly balanced routing gives them
+                (C = T*K*P/E rows per local expert) as batched matmuls: no router, no dispatch, no
+                communication
+  floor_loop    the same as a per-expert loop; the faster of the two is the floor
+  experts_only  our expert path alone on the floor's rows, so that ours - experts_only is what
+                routing and dispatch (and, with P > 1, the all-to-alls) cost
+  deepspeed     (``--deepspeed``, the default) DeepSpeed's own MoE layer, bench/deepspeed_moe.py,
+                at ep_size = P in the process group the CLI started
 
-Under torchrun (WORLD_SIZE > 1) the same command runs the expert-parallel comparison in
-``msmoe_dist/bench/layer_dist.py`` instead.
+Timing is bench/common.timed_rounds: rotating order; with P > 1 a barrier before every call and
+the maximum over ranks per (round, case). Figures are medians over rounds.
 
-Legend: T tokens, D model dim, E experts, K top-k, F ffn dim, C = T*K/E rows per expert.
+Legend: T tokens per rank, D model dim, F expert ffn dim, E experts in total, K top-k, P ranks,
+L = E/P local experts, C = T*K*P/E floor rows per local expert.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
-import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
+from msmoe_dist.bench.common import header, machine_info, timed_rounds
+from msmoe_dist.bench.deepspeed_moe import (
+    build_deepspeed_moe,
+    deepspeed_capacity,
+    deepspeed_settings,
+    fairscale_note,
+)
 from msmoe_dist.config.schema import MoEConfig
 from msmoe_dist.moe import ACTIVATIONS, MoELayer
+from msmoe_dist.parallel import AllToAllDispatcher, ProcessGroups
+
+DEFAULT_REPEATS = 15  # one process
+DEFAULT_REPEATS_EP = 10  # expert-parallel: every call also waits for a barrier
 
 
 def add_layer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens T per step")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens T per step (per rank under a launcher)")
     parser.add_argument("--d-model", type=int, default=256, help="model dim D")
     parser.add_argument("--ffn", type=int, default=1024, help="expert ffn dim F")
-    parser.add_argument("--experts", type=int, default=8, help="experts E")
+    parser.add_argument("--experts", type=int, default=8, help="experts E in total")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token K")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds, each timing every case once (default 15; 10 under torchrun)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed rounds, each timing every case once (default {DEFAULT_REPEATS}; "
+        f"{DEFAULT_REPEATS_EP} under torchrun)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 weights")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time DeepSpeed-MoE (deepspeed.moe.layer.MoE) at the same shapes")
+    parser.add_argument(
+        "--deepspeed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time DeepSpeed-MoE (deepspeed.moe.layer.MoE) at the same shapes",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if hasattr(os, "getloadavg"):
-        # The per-expert paths pay a scheduling delay per parallel op when other processes
-        # compete for the cores, the bmm floor much less: a loaded machine inflates ratio.
-        info["load_avg_1min_before"] = round(os.getloadavg()[0], 2)
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def floor_cases(ex, act, x_ECD: torch.Tensor, g_ECD: torch.Tensor) -> dict:
-    """The floor's two candidates on the weights of ``ex`` (an Experts bank of E experts) and E
-    equal row blocks x_ECD: batched matmuls, and a per-expert loop.  Forward+backward each."""
-    E = x_ECD.shape[0]
-    if E != ex.num_experts:
-        raise ValueError(f"{E} row blocks for {ex.num_experts} experts")
+def floor_cases(ex, act, x_LCD: torch.Tensor, g_LCD: torch.Tensor) -> dict:
+    """The floor's two candidates on the weights of ``ex`` (an Experts bank of L experts) and L
+    equal row blocks x_LCD: batched matmuls, and a per-expert loop. Forward+backward each."""
+    L = x_LCD.shape[0]
+    if L != ex.num_experts:
+        raise ValueError(f"{L} row blocks for {ex.num_experts} experts")
 
     def floor_bmm():
-        h = act(torch.baddbmm(ex.b1.unsqueeze(1), x_ECD, ex.w1))
-        torch.baddbmm(ex.b2.unsqueeze(1), h, ex.w2).backward(g_ECD)
+        h = act(torch.baddbmm(ex.b1.unsqueeze(1), x_LCD, ex.w1))
+        torch.baddbmm(ex.b2.unsqueeze(1), h, ex.w2).backward(g_LCD)
 
     def floor_loop():
-        ys = [torch.addmm(ex.b2[e], act(torch.addmm(ex.b1[e], x_ECD[e], ex.w1[e])), ex.w2[e]) for e in range(E)]
-        torch.autograd.backward(ys, list(g_ECD.unbind(0)))
+        ys = [torch.addmm(ex.b2[e], act(torch.addmm(ex.b1[e], x_LCD[e], ex.w1[e])), ex.w2[e]) for e in range(L)]
+        torch.autograd.backward(ys, list(g_LCD.unbind(0)))
 
     return {"floor_bmm": floor_bmm, "floor_loop": floor_loop}
 
 
-def run_layer_bench(args) -> dict:
-    from msmoe_dist.bench import layer_dist
+def _per_rank(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values``, gathered: [rank][i]."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [[round(float(v), 3) for v in o.cpu()] for o in out]
 
-    if layer_dist.world_size_from_env() > 1:
-        return layer_dist.run_layer_bench_dist(args)
+
+def run_layer_bench(args, device: torch.device | None = None, pg: ProcessGroups | None = None) -> dict:
+    """``pg`` None: one process, the local dispatcher. Otherwise expert parallel over ``pg.ep``
+    (ep_size = world size), and torch.distributed must be started. ``device`` defaults to --device.
+
+    The DeepSpeed case needs torch.distributed and DeepSpeed's comm layer started by the caller
+    (msmoe-bench's CLI does, also for one process); without them it is skipped, and says so.
+    """
     T, D, F, E, K = args.tokens, args.d_model, args.ffn, args.experts, args.top_k
-    repeats = args.repeats if args.repeats is not None else 15
-    use_ds = getattr(args, "deepspeed", False)
-    if (T * K) % E:
-        raise ValueError(f"tokens*top_k={T * K} must be divisible by experts={E} for the balanced floor")
-    C = T * K // E
-    device = torch.device(args.device)
+    device = device if device is not None else torch.device(args.device)
+    P = pg.layout.ep_size if pg is not None else 1
+    rank = pg.rank if pg is not None else 0
+    repeats = args.repeats if args.repeats is not None else (DEFAULT_REPEATS if pg is None else DEFAULT_REPEATS_EP)
+    if pg is not None and pg.layout.world_size != P:
+        raise ValueError(f"the layer benchmark runs with ep_size = world size, got {pg.layout}")
+    if E % P:
+        raise ValueError(f"experts={E} must be divisible by the world size {P} (ep_size = world size)")
+    L = E // P
+    if (T * K * P) % E:
+        raise ValueError(f"tokens*top_k*world={T * K * P} must be divisible by experts={E} for the balanced floor")
+    C = T * K * P // E
     machine = machine_info(device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
-    )
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    if pg is not None:
+        machine.update({"threads_per_rank": torch.get_num_threads(), "world_size": P, "backend": dist.get_backend()})
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+
+    # Dense (router) weights are the same on every rank, as in training; inputs differ per rank.
     torch.manual_seed(0)
-
     cfg = MoEConfig(num_experts=E, top_k=K, expert_ffn_dim=F, capacity_factor=0.0, expert_impl="grouped")
-    layer = MoELayer(D, cfg).to(device)
+    dispatcher = AllToAllDispatcher(E, pg.ep, P, pg.ep_rank) if pg is not None else None
+    layer = MoELayer(D, cfg, dispatcher=dispatcher).to(device)
     ex = layer.experts
-    act = ACTIVATIONS[cfg.activation]
-    params = list(layer.parameters())
-
+    gen = torch.Generator(device="cpu").manual_seed(0 if pg is None else 1000 + rank)
     x_TD = torch.randn(T, D, generator=gen).to(device).requires_grad_()
     g_TD = torch.randn(T, D, generator=gen).to(device)
-    x_ECD = torch.randn(E, C, D, generator=gen).to(device).requires_grad_()
-    g_ECD = torch.randn(E, C, D, generator=gen).to(device)
+    x_LCD = torch.randn(L, C, D, generator=gen).to(device).requires_grad_()
+    g_LCD = torch.randn(L, C, D, generator=gen).to(device)
+    x_RD = x_LCD.detach().view(L * C, D).requires_grad_()
+    g_RD = g_LCD.view(L * C, D)
 
     def ours():
         layer(x_TD).out.backward(g_TD)
 
-    x_RD = x_ECD.detach().view(E * C, D).requires_grad_()
-    g_RD = g_ECD.view(E * C, D)
-
     def experts_only():
-        # our expert path on the floor's balanced rows: ours minus this is router + dispatch
-        ex(x_RD, [C] * E).backward(g_RD)
+        ex(x_RD, [C] * L).backward(g_RD)
 
-    cases = {"ours": ours, **floor_cases(ex, act, x_ECD, g_ECD), "experts_only": experts_only}
-    grads_of = [x_TD, x_ECD, x_RD]
-    times: dict[str, list[float]] = {}
+    cases = {"ours": ours, **floor_cases(ex, ACTIVATIONS[cfg.activation], x_LCD, g_LCD), "experts_only": experts_only}
+    cleared = list(layer.parameters()) + [x_TD, x_LCD, x_RD]
+
     ds_note = None
-    with ExitStack() as stack:
-        if use_ds:
-            # DeepSpeed logs to stdout and prints while it builds its groups and CPU comm op.
-            stack.enter_context(layer_dist.stdout_to_stderr())
-            try:
-                stack.enter_context(layer_dist.deepspeed_world_of_one(device))
-                torch.manual_seed(0)
-                moe = layer_dist.build_deepspeed_moe(D, F, E, K, 1, device)
-            except Exception as exc:  # noqa: BLE001 - an optional comparison; say why it is missing
-                ds_note = "skipped: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            else:
-                x_ds = x_TD.detach().clone().requires_grad_()
-                params += list(moe.parameters())
-                grads_of.append(x_ds)
-
-                def deepspeed_case():
-                    moe(x_ds)[0].backward(g_TD)
-
-                cases["deepspeed"] = deepspeed_case
+    if not args.deepspeed:
+        ds_note = "skipped (--no-deepspeed)"
+    elif not dist.is_initialized():
+        ds_note = "skipped: torch.distributed and DeepSpeed's comm are not started (msmoe-bench layer starts them)"
+    else:
+        torch.manual_seed(0)
+        try:
+            moe = build_deepspeed_moe(D, F, E, K, P, device)
+        except Exception as exc:  # an optional comparison; say why it is missing
+            if pg is not None:
+                raise  # the other ranks would wait for this one's collectives forever
+            ds_note = "skipped: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         else:
-            ds_note = "skipped (--no-deepspeed)"
-        times = {name: [] for name in cases}
-        with autocast:
-            for rnd in range(args.warmup + repeats):
-                for name, fn in cases.items():
-                    # A training step starts from cleared gradients; accumulating into old ones
-                    # would add work that neither side needs.
-                    for p in params + grads_of:
-                        p.grad = None
-                    sync()
-                    t0 = time.perf_counter()
-                    fn()
-                    sync()
-                    if rnd >= args.warmup:
-                        times[name].append((time.perf_counter() - t0) * 1e3)
+            x_ds = x_TD.detach().clone().requires_grad_()
+            cleared += list(moe.parameters()) + [x_ds]
 
+            def deepspeed_case():
+                moe(x_ds)[0].backward(g_TD)
+
+            cases["deepspeed"] = deepspeed_case
+
+    def clear_grads():
+        # A training step starts from cleared gradients; accumulating into old ones would add work
+        # that neither side needs.
+        for t in cleared:
+            t.grad = None
+
+    own: dict[str, list[float]] = {}
+    with autocast:
+        times = timed_rounds(
+            cases, repeats, args.warmup, device, group=pg.dp if pg is not None else None, reset=clear_grads, own=own
+        )
     med = {name: statistics.median(v) for name, v in times.items()}
     floor = min(med["floor_bmm"], med["floor_loop"])
+    if pg is None:
+        shapes = {"tokens": T, "d_model": D, "ffn": F, "experts": E, "top_k": K, "rows_per_expert": C}
+    else:
+        shapes = {
+            "tokens_per_rank": T,
+            "d_model": D,
+            "ffn": F,
+            "experts": E,
+            "local_experts": L,
+            "top_k": K,
+            "floor_rows_per_local_expert": C,
+        }
+    shapes.update({"dtype": args.dtype, "device": device.type, "repeats": repeats, "warmup": args.warmup})
     result = {
-        "benchmark": "layer",
-        "world_size": 1,
-        "machine": machine,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shapes": {"tokens": T, "d_model": D, "ffn": F, "experts": E, "top_k": K, "rows_per_expert": C,
-                   "dtype": args.dtype, "device": device.type, "repeats": repeats, "warmup": args.warmup},
+        **header("layer", shapes, machine),
+        "world_size": P,
         "ours_ms": round(med["ours"], 3),
         "floor_ms": round(floor, 3),
         "floor_bmm_ms": round(med["floor_bmm"], 3),
@@ -196,33 +204,31 @@ def run_layer_bench(args) -> dict:
         "ratio": round(med["ours"] / floor, 4),
         "experts_only_ms": round(med["experts_only"], 3),
     }
+    if pg is not None:
+        per_rank = _per_rank([statistics.median(own[n]) for n in cases], device)  # [rank][case]
+        result.update(
+            {
+                "ep_size": P,
+                "per_rank_median_ms": {n: [r[i] for r in per_rank] for i, n in enumerate(cases)},
+                "timing": "per case and round: max over ranks after a barrier; then the median over rounds",
+            }
+        )
     if "deepspeed" in med:
         ds = med["deepspeed"]
-        result.update({
-            "deepspeed_ms": round(ds, 3),
-            "deepspeed_ratio": round(ds / floor, 4),
-            "speedup_vs_deepspeed": round(ds / med["ours"], 4),
-            "deepspeed_settings": {"capacity_factor": layer_dist.DS_CAPACITY_FACTOR, "k": K, "drop_tokens": True,
-                                   "min_capacity": 4, "ep_size": 1,
-                                   "capacity_rows_per_expert": layer_dist.deepspeed_capacity(T, E, K)},
-        })
+        settings = deepspeed_settings(T, E, K, P)
+        # one process: rows per expert; expert parallel: rows per (rank, expert) slot
+        settings["capacity_rows_per_expert" if pg is None else "capacity_rows_per_expert_slot"] = deepspeed_capacity(
+            T, E, K
+        )
+        result.update(
+            {
+                "deepspeed_ms": round(ds, 3),
+                "deepspeed_ratio": round(ds / floor, 4),
+                "speedup_vs_deepspeed": round(ds / med["ours"], 4),
+                "deepspeed_settings": settings,
+            }
+        )
     else:
         result["deepspeed"] = ds_note
-    result["fairscale"] = layer_dist.fairscale_note()
+    result["fairscale"] = fairscale_note()
     return result
-
-
-def main(argv=None) -> None:
-    args = add_layer_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
-    result = run_layer_bench(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key in ("ours_ms", "floor_bmm_ms", "floor_loop_ms", "floor_ms", "ratio", "experts_only_ms",
-                    "deepspeed_ms", "deepspeed_ratio", "speedup_vs_deepspeed"):
-            if key in result:
-                print(f"{key:>20}: {result[key]}")
-
-
-if __name__ == "__main__":
-    main()

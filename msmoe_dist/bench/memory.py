@@ -45,15 +45,23 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated output layers to measure")
     p.add_argument("--chunk-tokens", type=int, default=None, help="model.output_chunk_tokens (default: config's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--max-gib", type=float, default=None,
-                   help="skip a variant whose [tokens, vocab] fp32 logits x 3 (logits, log-softmax, gradient) "
-                        "exceed this (default: 80%% of MemAvailable, or of the GPU's memory)")
+    p.add_argument(
+        "--max-gib",
+        type=float,
+        default=None,
+        help="skip a variant whose [tokens, vocab] fp32 logits x 3 (logits, log-softmax, gradient) "
+        "exceed this (default: 80%% of MemAvailable, or of the GPU's memory)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def _overrides(spec: dict) -> list[str]:
-    out = [f"model.vocab_size={spec['vocab']}", f"model.output_layer={spec['kind']}",
-           f"data.batch_size={spec['batch_size']}", f"data.seq_len={spec['seq_len']}"]
+    out = [
+        f"model.vocab_size={spec['vocab']}",
+        f"model.output_layer={spec['kind']}",
+        f"data.batch_size={spec['batch_size']}",
+        f"data.seq_len={spec['seq_len']}",
+    ]
     if spec["kind"] == "adaptive":
         out.append("model.tie_embeddings=false")  # adaptive cannot tie; the WikiText-103 configs do not anyway
     if spec.get("chunk_tokens"):
@@ -123,8 +131,11 @@ def measure_one_step(spec: dict) -> dict:
     else:
         reset = _reset_peak_rss()
         before = _proc_status_kib("VmRSS")["VmRSS"] * 1024
-        method = ("VmHWM after resetting it (clear_refs 5) - VmRSS before the step" if reset else
-                  "VmHWM - VmRSS before the step (clear_refs not writable: includes the model build, upper bound)")
+        method = (
+            "VmHWM after resetting it (clear_refs 5) - VmRSS before the step"
+            if reset
+            else "VmHWM - VmRSS before the step (clear_refs not writable: includes the model build, upper bound)"
+        )
     t0 = time.perf_counter()
     out = model(x, y)
     (out.loss + out.aux_loss).backward()
@@ -132,12 +143,19 @@ def measure_one_step(spec: dict) -> dict:
     opt.step()
     peak = _peak(device)
     cutoffs = [int(c) for c in cfg.model.adaptive_cutoffs.split(",")]
-    return {"kind": spec["kind"], "status": "measured", "loss": float(out.loss.detach()),
-            "targets_in_shortlist": float((y < cutoffs[0]).float().mean()),
-            "step_s": round(time.perf_counter() - t0, 1), "params": num_params,
-            "before_gib": before / GIB, "peak_gib": peak / GIB, "increase_gib": (peak - before) / GIB,
-            "fwd_bwd_increase_gib": (peak_fwd_bwd - before) / GIB,
-            "method": method}
+    return {
+        "kind": spec["kind"],
+        "status": "measured",
+        "loss": float(out.loss.detach()),
+        "targets_in_shortlist": float((y < cutoffs[0]).float().mean()),
+        "step_s": round(time.perf_counter() - t0, 1),
+        "params": num_params,
+        "before_gib": before / GIB,
+        "peak_gib": peak / GIB,
+        "increase_gib": (peak - before) / GIB,
+        "fwd_bwd_increase_gib": (peak_fwd_bwd - before) / GIB,
+        "method": method,
+    }
 
 
 def _available_gib(device: str) -> float:
@@ -151,7 +169,7 @@ def _available_gib(device: str) -> float:
 
 
 def run_memory_bench(args: argparse.Namespace) -> dict:
-    from msmoe_dist.bench.timing import machine_info, now_iso
+    from msmoe_dist.bench.common import machine_info, now_iso
     from msmoe_dist.config.loader import load_config
 
     base = load_config(args.config, [f"model.vocab_size={args.vocab}"])
@@ -164,14 +182,29 @@ def run_memory_bench(args: argparse.Namespace) -> dict:
     for kind in [k.strip() for k in args.variants.split(",") if k.strip()]:
         if kind not in VARIANTS:
             raise SystemExit(f"msmoe-bench memory: unknown variant {kind!r} (expected {', '.join(VARIANTS)})")
-        spec = {"kind": kind, "config": args.config, "vocab": args.vocab, "batch_size": B, "seq_len": S,
-                "chunk_tokens": args.chunk_tokens, "device": args.device}
+        spec = {
+            "kind": kind,
+            "config": args.config,
+            "vocab": args.vocab,
+            "batch_size": B,
+            "seq_len": S,
+            "chunk_tokens": args.chunk_tokens,
+            "device": args.device,
+        }
         if kind == "full" and 3 * logits_gib > limit:
-            rows.append({"kind": kind, "status": "not run (analytic only)",
-                         "reason": f"logits, log-softmax and gradient 3 x {logits_gib:.1f} GiB > {limit:.1f} GiB"})
+            rows.append(
+                {
+                    "kind": kind,
+                    "status": "not run (analytic only)",
+                    "reason": f"logits, log-softmax and gradient 3 x {logits_gib:.1f} GiB > {limit:.1f} GiB",
+                }
+            )
             continue
-        proc = subprocess.run([sys.executable, "-m", "msmoe_dist.bench.memory", "--child", json.dumps(spec)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "msmoe_dist.bench.memory", "--child", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or [""])[-1]
             rows.append({"kind": kind, "status": f"failed (exit {proc.returncode})", "reason": tail[-300:]})
@@ -184,35 +217,60 @@ def run_memory_bench(args: argparse.Namespace) -> dict:
             r["fwd_bwd_ratio_vs_full"] = r["fwd_bwd_increase_gib"] / full["fwd_bwd_increase_gib"]
     chunk = args.chunk_tokens or base.model.output_chunk_tokens
     return {
-        "benchmark": "memory", "date": now_iso(), "machine": machine_info(), "device": args.device,
-        "config": args.config, "vocab": args.vocab, "batch_size": B, "seq_len": S, "tokens": tokens,
-        "chunk_tokens": chunk, "adaptive_cutoffs": base.model.adaptive_cutoffs,
-        "analytic": {"full_logits_gib": logits_gib, "chunk_logits_gib": min(chunk, tokens) * args.vocab * 4 / GIB,
-                     "reference_batch_logits_gib": base.data.batch_size * base.data.seq_len * args.vocab * 4 / GIB},
-        "limit_gib": limit, "variants": rows,
+        "benchmark": "memory",
+        "date": now_iso(),
+        "machine": machine_info(args.device),
+        "device": args.device,
+        "config": args.config,
+        "vocab": args.vocab,
+        "batch_size": B,
+        "seq_len": S,
+        "tokens": tokens,
+        "chunk_tokens": chunk,
+        "adaptive_cutoffs": base.model.adaptive_cutoffs,
+        "analytic": {
+            "full_logits_gib": logits_gib,
+            "chunk_logits_gib": min(chunk, tokens) * args.vocab * 4 / GIB,
+            "reference_batch_logits_gib": base.data.batch_size * base.data.seq_len * args.vocab * 4 / GIB,
+        },
+        "limit_gib": limit,
+        "variants": rows,
     }
 
 
 def print_table(result: dict) -> None:
     a = result["analytic"]
     print(f"memory benchmark, {result['date']}, {result['machine']}, device {result['device']}")
-    print(f"{result['config']}: vocab {result['vocab']:,}, batch {result['batch_size']} x {result['seq_len']} = "
-          f"{result['tokens']:,} tokens, chunk {result['chunk_tokens']} tokens, cutoffs {result['adaptive_cutoffs']}")
-    print(f"analytic fp32 logits: all tokens {a['full_logits_gib']:.2f} GiB, one chunk "
-          f"{a['chunk_logits_gib']:.2f} GiB, the config's own batch {a['reference_batch_logits_gib']:.2f} GiB")
-    print(f"{'output_layer':>12}  {'step peak increase':>18}  {'ratio vs full':>13}  {'fwd+bwd only':>12}  "
-          f"{'ratio':>5}  {'params':>11}  note")
+    print(
+        f"{result['config']}: vocab {result['vocab']:,}, batch {result['batch_size']} x {result['seq_len']} = "
+        f"{result['tokens']:,} tokens, chunk {result['chunk_tokens']} tokens, cutoffs {result['adaptive_cutoffs']}"
+    )
+    print(
+        f"analytic fp32 logits: all tokens {a['full_logits_gib']:.2f} GiB, one chunk "
+        f"{a['chunk_logits_gib']:.2f} GiB, the config's own batch {a['reference_batch_logits_gib']:.2f} GiB"
+    )
+    print(
+        f"{'output_layer':>12}  {'step peak increase':>18}  {'ratio vs full':>13}  {'fwd+bwd only':>12}  "
+        f"{'ratio':>5}  {'params':>11}  note"
+    )
     for r in result["variants"]:
         if r["status"] != "measured":
-            print(f"{r['kind']:>12}  {'-':>18}  {'-':>13}  {'-':>12}  {'-':>5}  {'-':>11}  "
-                  f"{r['status']}: {r.get('reason', '')}")
+            print(
+                f"{r['kind']:>12}  {'-':>18}  {'-':>13}  {'-':>12}  {'-':>5}  {'-':>11}  "
+                f"{r['status']}: {r.get('reason', '')}"
+            )
             continue
         ratio = f"{r['ratio_vs_full']:.3f}" if "ratio_vs_full" in r else "-"
         ratio_fb = f"{r['fwd_bwd_ratio_vs_full']:.3f}" if "fwd_bwd_ratio_vs_full" in r else "-"
-        print(f"{r['kind']:>12}  {r['increase_gib']:>14.2f} GiB  {ratio:>13}  {r['fwd_bwd_increase_gib']:>8.2f} GiB  "
-              f"{ratio_fb:>5}  {r['params']:>11,}  measured, step {r['step_s']} s, loss {r['loss']:.3f}"
-              + (f", {100 * r['targets_in_shortlist']:.0f}% of targets in the shortlist" if r["kind"] == "adaptive"
-                 else ""))
+        print(
+            f"{r['kind']:>12}  {r['increase_gib']:>14.2f} GiB  {ratio:>13}  {r['fwd_bwd_increase_gib']:>8.2f} GiB  "
+            f"{ratio_fb:>5}  {r['params']:>11,}  measured, step {r['step_s']} s, loss {r['loss']:.3f}"
+            + (
+                f", {100 * r['targets_in_shortlist']:.0f}% of targets in the shortlist"
+                if r["kind"] == "adaptive"
+                else ""
+            )
+        )
     measured = [r for r in result["variants"] if r["status"] == "measured"]
     if measured:
         print(f"method: {measured[0]['method']}")

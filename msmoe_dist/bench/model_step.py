@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
-from msmoe_dist.bench.timing import interleaved_medians, machine_info, now_iso, train_step_fn
+from msmoe_dist.bench.common import header, machine_info, timed_rounds, train_step_fn
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models import MoELanguageModel
 
@@ -30,8 +31,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def run_model_bench(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    mcfg = ModelConfig(num_layers=args.layers, d_model=args.d_model, num_heads=max(1, args.d_model // 64),
-                       max_seq_len=args.seq)
+    mcfg = ModelConfig(
+        num_layers=args.layers, d_model=args.d_model, num_heads=max(1, args.d_model // 64), max_seq_len=args.seq
+    )
     moe_cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.ffn)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
@@ -41,14 +43,20 @@ def run_model_bench(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)  # identical weights for every variant
         model = MoELanguageModel(mcfg, moe_cfg, MomentumConfig(kind=kind), args.vocab).to(device)
         steps[kind] = train_step_fn(model, x, y, device)
-    ms = interleaved_medians(steps, args.repeats, args.warmup, device)
+    rounds = timed_rounds(steps, args.repeats, args.warmup, device)
+    ms = {k: statistics.median(v) for k, v in rounds.items()}
     base = ms["none"]
+    shapes = {
+        "layers": args.layers,
+        "d_model": args.d_model,
+        "ffn": args.ffn,
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "tokens": args.batch * args.seq,
+        "vocab": args.vocab,
+    }
     return {
-        "benchmark": "model_step",
-        "machine": machine_info(),
-        "date": now_iso(),
-        "shapes": {"layers": args.layers, "d_model": args.d_model, "ffn": args.ffn, "experts": args.experts,
-                   "top_k": args.top_k, "tokens": args.batch * args.seq, "vocab": args.vocab},
+        **header("model_step", shapes, machine_info(device)),
         "step_ms": ms,
         "ratio_vs_smoe": {k: v / base for k, v in ms.items()},
     }

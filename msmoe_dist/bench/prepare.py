@@ -29,18 +29,54 @@ from pathlib import Path
 
 import numpy as np
 
-from msmoe_dist.bench.timing import machine_info, now_iso
+from msmoe_dist.bench.common import machine_info, now_iso
 
 WIKITEXT103_TRAIN_TOKENS = 103_227_021  # incl. one <eos> per line (Merity et al. 2016, reference tokenisation)
 WIKITEXT103_VOCAB = 267_735  # incl. <eos>
-_COMMON = ["the", ",", ".", "of", "and", "in", "to", "a", "=", "<unk>", "was", "@-@", "'s", "on", "as", "that",
-           "for", "with", "by", "is", "his", "(", ")", "at", "from", "he", "it", "an", "were", "\"", "had", "which"]
+_COMMON = [
+    "the",
+    ",",
+    ".",
+    "of",
+    "and",
+    "in",
+    "to",
+    "a",
+    "=",
+    "<unk>",
+    "was",
+    "@-@",
+    "'s",
+    "on",
+    "as",
+    "that",
+    "for",
+    "with",
+    "by",
+    "is",
+    "his",
+    "(",
+    ")",
+    "at",
+    "from",
+    "he",
+    "it",
+    "an",
+    "were",
+    '"',
+    "had",
+    "which",
+]
 _LINE_KINDS = np.array([0.35, 0.15, 0.50])  # blank, heading, paragraph (WikiText-103's mix, roughly)
 
 
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=WIKITEXT103_TRAIN_TOKENS,
-                   help="train tokens to synthesise, <eos> included (default: WikiText-103's 103,227,021)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=WIKITEXT103_TRAIN_TOKENS,
+        help="train tokens to synthesise, <eos> included (default: WikiText-103's 103,227,021)",
+    )
     p.add_argument("--vocab", type=int, default=WIKITEXT103_VOCAB - 1, help="word types in the text (default 267,734)")
     p.add_argument("--eval-tokens", type=int, default=230_000, help="tokens of each of valid and test")
     p.add_argument("--seed", type=int, default=0)
@@ -93,8 +129,11 @@ class _TextMaker:
         """``num_lines`` lines of text and their token count (words + one <eos> per line)."""
         rng = self.rng
         kind = rng.choice(3, size=num_lines, p=_LINE_KINDS)
-        words = np.where(kind == 2, np.clip(rng.lognormal(np.log(90), 0.6, num_lines), 3, 600).astype(np.int64),
-                         np.where(kind == 1, rng.integers(3, 9, num_lines), 0))
+        words = np.where(
+            kind == 2,
+            np.clip(rng.lognormal(np.log(90), 0.6, num_lines), 3, 600).astype(np.int64),
+            np.where(kind == 1, rng.integers(3, 9, num_lines), 0),
+        )
         ids = np.searchsorted(self.cdf, rng.random(int(words.sum())))
         ends = np.cumsum(words)
         heading = kind == 1
@@ -178,15 +217,23 @@ def run_prepare_bench(args: argparse.Namespace) -> dict:
         meta = json.loads((out / "meta.json").read_text())
         total = sum(e["tokens"] for e in meta["splits"].values())
         return {
-            "benchmark": "prepare", "date": now_iso(), "machine": machine_info(),
+            "benchmark": "prepare",
+            "date": now_iso(),
+            "machine": machine_info(),
             "load_avg_1min": os.getloadavg()[0],
             "command": " ".join(cmd[2:]).replace("msmoe_dist.cli prepare", "msmoe-prepare"),
-            "tokenizer": args.tokenizer, "text_bytes": text_bytes,
-            "tokens": {s: e["tokens"] for s, e in meta["splits"].items()}, "vocab_size": meta["vocab_size"],
-            "dtype": meta["dtype"], "generate_seconds": round(gen_s, 2), "seconds": round(prep_s, 2),
+            "tokenizer": args.tokenizer,
+            "text_bytes": text_bytes,
+            "tokens": {s: e["tokens"] for s, e in meta["splits"].items()},
+            "vocab_size": meta["vocab_size"],
+            "dtype": meta["dtype"],
+            "generate_seconds": round(gen_s, 2),
+            "seconds": round(prep_s, 2),
             "cpu_seconds": round(prep_cpu_s, 2),
-            "prepare_internal_seconds": meta["seconds"], "tokens_per_s": round(total / prep_s),
-            "peak_rss_mib": _mib(peak_kib), "imports_rss_mib": _mib(baseline_kib),
+            "prepare_internal_seconds": meta["seconds"],
+            "tokens_per_s": round(total / prep_s),
+            "peak_rss_mib": _mib(peak_kib),
+            "imports_rss_mib": _mib(baseline_kib),
         }
     finally:
         if args.keep:

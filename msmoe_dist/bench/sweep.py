@@ -53,9 +53,29 @@ def run_sweep(args: argparse.Namespace) -> dict:
         if experts % ep:
             failures.append({"ep": ep, "experts": experts, "error": "experts not divisible by ep"})
             continue
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ep),
-               "-m", "msmoe_dist.cli", "bench", "step", "--json", "--experts", str(experts), "--tokens", str(tokens),
-               "--momentum", kind, "--seq", str(min(args.seq, tokens)), "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(ep),
+            "-m",
+            "msmoe_dist.cli",
+            "bench",
+            "step",
+            "--json",
+            "--experts",
+            str(experts),
+            "--tokens",
+            str(tokens),
+            "--momentum",
+            kind,
+            "--seq",
+            str(min(args.seq, tokens)),
+            "--repeats",
+            str(args.repeats),
+        ]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -63,8 +83,15 @@ def run_sweep(args: argparse.Namespace) -> dict:
             continue
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         if res.returncode != 0 or not lines:
-            failures.append({"ep": ep, "experts": experts, "tokens": tokens, "momentum": kind,
-                             "error": (res.stderr.strip().splitlines() or ["no output"])[-1][:300]})
+            failures.append(
+                {
+                    "ep": ep,
+                    "experts": experts,
+                    "tokens": tokens,
+                    "momentum": kind,
+                    "error": (res.stderr.strip().splitlines() or ["no output"])[-1][:300],
+                }
+            )
             continue
         rows.append(json.loads(lines[-1]))
     (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -82,13 +109,19 @@ def draw(rows: list[dict], out: Path) -> list[str]:
     for r in rows:
         series.setdefault((r["experts"], r["tokens_per_rank"], r["momentum"]), []).append(r)
     paths = []
-    for key, ylabel, fname in (("tokens_per_s", "tokens / s (all ranks)", "throughput.png"),
-                               ("all_to_all_share", "all-to-all share of step time", "all_to_all_share.png")):
+    for key, ylabel, fname in (
+        ("tokens_per_s", "tokens / s (all ranks)", "throughput.png"),
+        ("all_to_all_share", "all-to-all share of step time", "all_to_all_share.png"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for (experts, tokens, kind), pts in sorted(series.items()):
             pts = sorted(pts, key=lambda r: r["world_size"])
-            ax.plot([p["world_size"] for p in pts], [p[key] for p in pts], marker="o",
-                    label=f"E={experts}, {tokens} tok/rank, {kind}")
+            ax.plot(
+                [p["world_size"] for p in pts],
+                [p[key] for p in pts],
+                marker="o",
+                label=f"E={experts}, {tokens} tok/rank, {kind}",
+            )
         ax.set_xlabel("ranks (= EP degree)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"msmoe_dist scaling: {ylabel}")

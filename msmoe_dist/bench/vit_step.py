@@ -9,23 +9,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 from pathlib import Path
 
 import torch
 
-from msmoe_dist.bench.timing import interleaved_medians, machine_info, now_iso, train_step_fn
+from msmoe_dist.bench.common import header, machine_info, timed_rounds, train_step_fn
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "imagenet"
-VARIANTS = {"none": "vmoe_s32.yaml", "heavy_ball": "momentum_vmoe_s32.yaml", "adam": "adam_vmoe_s32.yaml",
-            "robust": "robust_vmoe_s32.yaml"}
+VARIANTS = {
+    "none": "vmoe_s32.yaml",
+    "heavy_ball": "momentum_vmoe_s32.yaml",
+    "adam": "adam_vmoe_s32.yaml",
+    "robust": "robust_vmoe_s32.yaml",
+}
 
 
 def add_vit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(CONFIGS / "vmoe_s32.yaml"),
-                   help="model config (default: the ViT-S/32 V-MoE of configs/imagenet)")
+    p.add_argument(
+        "--config",
+        default=str(CONFIGS / "vmoe_s32.yaml"),
+        help="model config (default: the ViT-S/32 V-MoE of configs/imagenet)",
+    )
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
-    p.add_argument("--variants", default="none,heavy_ball,adam,robust",
-                   help="comma-separated momentum.kind values to time (default all four)")
+    p.add_argument(
+        "--variants",
+        default="none,heavy_ball,adam,robust",
+        help="comma-separated momentum.kind values to time (default all four)",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -49,8 +60,10 @@ def run_vit_bench(args: argparse.Namespace) -> dict:
     kinds = [k.strip() for k in args.variants.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in VARIANTS]
     if unknown or "none" not in kinds:
-        raise SystemExit(f"msmoe-bench vit: --variants must include none (the baseline) and only "
-                         f"{', '.join(VARIANTS)}; got {args.variants}")
+        raise SystemExit(
+            f"msmoe-bench vit: --variants must include none (the baseline) and only "
+            f"{', '.join(VARIANTS)}; got {args.variants}"
+        )
     g = torch.Generator().manual_seed(0)
     v = cfg.vision
     x = torch.randn(args.batch, 3, v.image_size, v.image_size, generator=g).to(device)
@@ -61,15 +74,22 @@ def run_vit_bench(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)  # identical weights for every variant
         model = VisionMoE(cfg.model, cfg.moe, mom, v).to(device)
         steps[kind] = train_step_fn(model, x, y, device, bf16=args.dtype == "bf16")
-    ms = interleaved_medians(steps, args.repeats, args.warmup, device)
+    rounds = timed_rounds(steps, args.repeats, args.warmup, device)
+    ms = {k: statistics.median(v) for k, v in rounds.items()}
     base = ms["none"]
+    shapes = {
+        "config": str(args.config),
+        "layers": cfg.model.num_layers,
+        "d_model": cfg.model.d_model,
+        "experts": cfg.moe.num_experts,
+        "top_k": cfg.moe.top_k,
+        "image_size": v.image_size,
+        "patch": v.patch_size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+    }
     return {
-        "benchmark": "vit_step",
-        "machine": machine_info(),
-        "date": now_iso(),
-        "shapes": {"config": str(args.config), "layers": cfg.model.num_layers, "d_model": cfg.model.d_model,
-                   "experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "image_size": v.image_size,
-                   "patch": v.patch_size, "batch": args.batch, "dtype": args.dtype},
+        **header("vit_step", shapes, machine_info(device)),
         "step_ms": ms,
         "images_per_s": {k: args.batch / (t / 1e3) for k, t in ms.items()},
         "ratio_vs_smoe": {k: t / base for k, t in ms.items()},

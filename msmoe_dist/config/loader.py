@@ -15,80 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import math
 import os
 import re
-import tempfile
 import textwrap
-import typing
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import yaml
 
+from msmoe_dist.config.errors import COMMAND_LINE, DEFAULT_SOURCE, ConfigError, did_you_mean, show
+from msmoe_dist.config.fields import all_keys, check_value, default_of, schema_sections, section_fields, type_name
 from msmoe_dist.config.schema import Config
-
-COMMAND_LINE = "command line"
-DEFAULT_SOURCE = "default"
-
-
-class ConfigError(ValueError):
-    """A mistake in the user's configuration.
-
-    ``str()`` is always a single line starting with ``config error:``, fit to be printed as is
-    (``msmoe-train: config error: model.num_layers (configs/x.yaml): expected a positive
-    integer, got 0``).  ``keys`` holds the dotted keys the error is about, when known.
-    """
-
-    def __init__(self, message: str, keys: Iterable[str] = ()):
-        text = re.sub(r"\s*[\r\n]+\s*", " ", str(message)).strip()
-        if not text.startswith("config error:"):
-            text = f"config error: {text}"
-        super().__init__(text)
-        self.keys = tuple(keys)
-
-
-def format_keys(keys: Iterable[str], sources: Mapping[str, str] | None = None) -> str:
-    """``a.b, a.c (file.yaml), d.e (command line)``: the keys, each run followed by its source."""
-    keys = list(keys)
-    if not sources:
-        return ", ".join(keys)
-    parts: list[str] = []
-    run: list[str] = []
-    for i, key in enumerate(keys):
-        run.append(key)
-        src = sources.get(key, DEFAULT_SOURCE)
-        nxt = sources.get(keys[i + 1], DEFAULT_SOURCE) if i + 1 < len(keys) else None
-        if nxt != src:
-            parts.append(f"{', '.join(run)} ({src})")
-            run = []
-    return ", ".join(parts)
-
-
-def key_error(keys: str | Iterable[str], detail: str, sources: Mapping[str, str] | None = None) -> ConfigError:
-    """A :class:`ConfigError` ``<keys with their sources>: <detail>``."""
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    return ConfigError(f"{format_keys(keys, sources)}: {detail}", keys)
-
-
-def show(value: Any) -> str:
-    """A value as the user wrote it in YAML: ``true``, ``null``, ``'text'``, ``4.5``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _suggest(word: str, candidates: Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else ""
-
+from msmoe_dist.config.validate import validate
+from msmoe_dist.io import atomic_write
 
 # --------------------------------------------------------------------------------------------
 # YAML dialect
@@ -167,92 +106,6 @@ def _read_yaml(path: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Schema introspection
-
-
-@functools.lru_cache(maxsize=None)
-def _sections() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
-
-
-@functools.lru_cache(maxsize=None)
-def _leaves(section: str) -> dict[str, tuple[dataclasses.Field, Any]]:
-    cls = _sections()[section]
-    hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
-
-
-def all_keys() -> list[str]:
-    """Every leaf key of the schema as ``section.key``, in schema order."""
-    return [f"{s}.{k}" for s in _sections() for k in _leaves(s)]
-
-
-def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if args and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        return " or ".join(_type_name(a) for a in inner) + " or null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return dataclasses.MISSING
-
-
-def _coerce(tp: Any, value: Any, choices: tuple[str, ...] | None) -> tuple[bool, Any, str]:
-    """(ok, converted value, what was expected) for one value against one annotation."""
-    args = typing.get_args(tp)
-    if args and type(None) in args:  # Optional[X]
-        if value is None:
-            return True, None, ""
-        inner = [a for a in args if a is not type(None)]
-        tp = inner[0] if len(inner) == 1 else tp
-    if tp is bool:
-        return (type(value) is bool), value, "true or false"
-    if tp is int:
-        return (type(value) is int), value, "an integer"
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                as_float = float(value)
-            except OverflowError:
-                return False, value, "a finite number"
-            return math.isfinite(as_float), as_float, "a finite number"
-        return False, value, "a number"
-    if tp is str:
-        if not isinstance(value, str):
-            return False, value, "a string"
-        if choices is not None and value not in choices:
-            return False, value, "one of " + "|".join(choices)
-        return True, value, ""
-    raise TypeError(f"msmoe_dist.config: unsupported field type {tp!r} in the schema")
-
-
-def check_value(section: str, key: str, value: Any, sources: Mapping[str, str] | None = None) -> Any:
-    """Type-check one leaf value; returns it converted (int -> float for float fields)."""
-    f, tp = _leaves(section)[key]
-    choices = f.metadata.get("choices")
-    ok, converted, expected = _coerce(tp, value, choices)
-    if ok:
-        return converted
-    name = f"{section}.{key}"
-    got = show(value)
-    if value is not None and not isinstance(value, str):
-        got += f" ({type(value).__name__})"
-    detail = f"expected {expected}, got {got}"
-    if isinstance(value, str) and choices is not None and _coerce(tp, value, None)[0]:
-        detail += _suggest(value, choices)
-    elif tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        detail += " (quote it to make it a string)"
-    raise key_error(name, detail, sources)
-
-
-# --------------------------------------------------------------------------------------------
 # Building a Config from layered values
 
 
@@ -264,13 +117,13 @@ class _Layers:
         self.sources: dict[str, str] = {}
 
     def _section(self, section: Any, source: str, key_for_msg: str | None = None) -> str:
-        sections = _sections()
+        sections = schema_sections()
         if isinstance(section, str) and section in sections:
             return section
         name = str(section) if key_for_msg is None else key_for_msg
-        hint = _suggest(str(section), sections)
+        hint = did_you_mean(str(section), sections)
         if not hint and isinstance(section, str):
-            owners = [s for s in sections if section in _leaves(s)]
+            owners = [s for s in sections if section in section_fields(s)]
             if owners:
                 hint = f"; did you mean '{owners[0]}.{section}'? (keys go under their section)"
         raise ConfigError(
@@ -279,13 +132,13 @@ class _Layers:
 
     def set(self, section: Any, key: Any, value: Any, source: str, raw: str | None = None) -> None:
         section = self._section(section, source, None if raw is None else f"{section}.{key}")
-        leaves = _leaves(section)
+        leaves = section_fields(section)
         name = f"{section}.{key}"
         if not isinstance(key, str) or key not in leaves:
             match = difflib.get_close_matches(str(key), list(leaves), n=1, cutoff=0.6)
             hint = f"; did you mean '{section}.{match[0]}'?" if match else ""
             if not hint:
-                others = [f"{s}.{key}" for s in _sections() if s != section and key in _leaves(s)]
+                others = [f"{s}.{key}" for s in schema_sections() if s != section and key in section_fields(s)]
                 if others:
                     hint = f"; did you mean '{others[0]}'?"
             raise ConfigError(f"{name} ({source}): unknown key '{key}' in section '{section}'{hint}", [name])
@@ -318,7 +171,7 @@ class _Layers:
                 self.set(section_name, key, value, source)
 
     def build(self) -> Config:
-        kwargs = {s: cls(**self.values.get(s, {})) for s, cls in _sections().items()}
+        kwargs = {s: cls(**self.values.get(s, {})) for s, cls in schema_sections().items()}
         return Config(**kwargs)
 
     def full_sources(self) -> dict[str, str]:
@@ -336,7 +189,7 @@ def _apply_override(layers: _Layers, item: str) -> None:
         raise ConfigError(f"{COMMAND_LINE}: override '{item}' has an empty key; expected section.key=value")
     section, dot, leaf = key.partition(".")
     if not dot or not section or not leaf:
-        owners = [s for s in _sections() if key in _leaves(s)] if not dot else []
+        owners = [s for s in schema_sections() if key in section_fields(s)] if not dot else []
         hint = f"; did you mean '{owners[0]}.{key}={text}'?" if owners else ""
         raise ConfigError(f"{COMMAND_LINE}: override key '{key}' is not of the form section.key{hint}", [key])
     try:
@@ -348,8 +201,6 @@ def _apply_override(layers: _Layers, item: str) -> None:
 
 
 def _validated(layers: _Layers) -> Config:
-    from msmoe_dist.config.validate import validate  # validate imports this module
-
     cfg = layers.build()
     validate(cfg, layers.full_sources())
     return cfg
@@ -401,24 +252,10 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML to ``path`` atomically (temp file in the same folder + os.replace)."""
+    """Write ``cfg`` as YAML to ``path`` atomically (creating its folder), so it is never half-written."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    text = "# msmoe_dist configuration (complete; load with --config)\n" + config_to_yaml(cfg)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, "# msmoe_dist configuration (complete; load with --config)\n" + config_to_yaml(cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,18 +276,22 @@ def config_help_text(width: int = 100) -> str:
         "configuration keys (set them in the YAML file given with --config, under their section,",
         "or on the command line as section.key=value; precedence: defaults < YAML < command line):",
     ]
-    for section in _sections():
+    for section in schema_sections():
         lines.append("")
         lines.append(f"{section}:")
-        for key, (f, tp) in _leaves(section).items():
-            meta = [_type_name(tp), f"default {_show_default(_default_of(f))}"]
+        for key, (f, tp) in section_fields(section).items():
+            meta = [type_name(tp), f"default {_show_default(default_of(f))}"]
             if f.metadata.get("choices"):
                 meta.append("one of " + "|".join(f.metadata["choices"]))
             head = f"{section}.{key} ({', '.join(meta)}): {f.metadata.get('help', '')}".rstrip()
             lines.extend(
                 textwrap.wrap(
-                    head, width=width, initial_indent="  ", subsequent_indent="      ",
-                    break_long_words=False, break_on_hyphens=False,
+                    head,
+                    width=width,
+                    initial_indent="  ",
+                    subsequent_indent="      ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
                 )
             )
     return "\n".join(lines) + "\n"

@@ -15,11 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None):
-    """A dataclass field with its documentation (and allowed values) attached."""
-    meta = {"help": help}
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, *, arch: bool = False):
+    """A dataclass field with its documentation (and allowed values) attached.
+
+    ``arch=True`` marks a key outside the model/moe/momentum sections that shapes the network,
+    so a checkpoint's weights only fit a run with the same value (``model_spec.ModelSpec``).
+    """
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    if arch:
+        meta["arch"] = True
     return field(default=default, metadata=meta)
 
 
@@ -156,7 +162,9 @@ class MomentumConfig:
     mu: float = opt(0.7, "Heavy-ball momentum coefficient, in [0, 1).")
     gamma: float = opt(1.0, "Heavy-ball step size, > 0.")
     learnable: str = opt(
-        "none", "Make mu and gamma trainable: one scalar pair, or one pair per MoE layer.", ("none", "scalar", "per_layer")
+        "none",
+        "Make mu and gamma trainable: one scalar pair, or one pair per MoE layer.",
+        ("none", "scalar", "per_layer"),
     )
     beta1: float = opt(0.9, "AdamSMoE first-moment decay, in [0, 1).")
     beta2: float = opt(0.999, "AdamSMoE second-moment decay, in [0, 1).")
@@ -212,23 +220,29 @@ class DataConfig:
 
 @dataclass
 class VisionConfig:
-    image_size: int = opt(224, "Side of the square model input in pixels; a multiple of vision.patch_size.")
-    patch_size: int = opt(32, "Side of the square patches embedded as tokens (ViT-S/32: 32).")
-    num_classes: int = opt(1000, "Classifier outputs (ImageNet-1K: 1000); >= the number of class folders.")
-    pooling: str = opt("cls", "cls: classify the class token. gap: global average pool of the patch tokens.",
-                       ("cls", "gap"))
+    # arch=True: these keys shape the ViT (a resume must keep them); the others only change training.
+    image_size: int = opt(224, "Side of the square model input in pixels; a multiple of vision.patch_size.", arch=True)
+    patch_size: int = opt(32, "Side of the square patches embedded as tokens (ViT-S/32: 32).", arch=True)
+    num_classes: int = opt(1000, "Classifier outputs (ImageNet-1K: 1000); >= the number of class folders.", arch=True)
+    pooling: str = opt(
+        "cls", "cls: classify the class token. gap: global average pool of the patch tokens.", ("cls", "gap"), arch=True
+    )
     moe_layout: str = opt(
         "every",
         "Which blocks hold an MoE layer instead of the dense MLP. every: every moe_every-th block "
         "(blocks k-1, 2k-1, ...: V-MoE's 'every 2' puts them at 1, 3, 5, 7 of 8). last: the last moe_last blocks. "
         "Dense blocks pass the momentum state through unchanged.",
         ("every", "last"),
+        arch=True,
     )
-    moe_every: int = opt(2, "moe_layout=every: the k of every k-th block; >= 1.")
-    moe_last: int = opt(2, "moe_layout=last: how many final blocks are MoE; 1 <= moe_last <= model.num_layers.")
+    moe_every: int = opt(2, "moe_layout=every: the k of every k-th block; >= 1.", arch=True)
+    moe_last: int = opt(
+        2, "moe_layout=last: how many final blocks are MoE; 1 <= moe_last <= model.num_layers.", arch=True
+    )
     random_resized_crop: bool = opt(
-        True, "Training: Inception-style random-resized crop (scale 0.08-1) + horizontal flip; false: resize + "
-        "centre crop as in evaluation."
+        True,
+        "Training: Inception-style random-resized crop (scale 0.08-1) + horizontal flip; false: resize + "
+        "centre crop as in evaluation.",
     )
     randaugment_ops: int = opt(0, "Training: RandAugment operations per image; 0 disables RandAugment.")
     randaugment_magnitude: int = opt(9, "Training: RandAugment magnitude, in [0, 30].")

@@ -1,6 +1,6 @@
 """Every range and cross-field check of the configuration, in one function.
 
-:func:`validate` raises a one-line :class:`~msmoe_dist.config.loader.ConfigError` for the first
+:func:`validate` raises a one-line :class:`~msmoe_dist.config.errors.ConfigError` for the first
 problem it finds, naming the key(s), where their values came from (when ``sources`` is given),
 what was expected and what was got.  Checks that depend on the machine (is CUDA there, does
 ``parallel.ep_size`` divide the world size) are runtime checks and do not belong here.
@@ -8,19 +8,16 @@ what was expected and what was got.  Checks that depend on the machine (is CUDA 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from msmoe_dist.config.loader import ConfigError, all_keys, check_value, key_error, show
+from msmoe_dist.config.errors import ConfigError, key_error, show
+from msmoe_dist.config.fields import all_keys, check_value
+from msmoe_dist.config.moe_placement import lm_moe_blocks, vit_moe_blocks
+from msmoe_dist.config.output_layer import parse_cutoffs
 from msmoe_dist.config.schema import Config
-from msmoe_dist.models.layouts import lm_moe_blocks, vit_moe_blocks
-from msmoe_dist.models.output import parse_cutoffs
 
-__all__ = ["validate", "ConfigError", "num_moe_layers"]
-
-
-def num_moe_layers(num_layers: int, layout: str) -> int:
-    """MoE blocks in the language model: all of them for ``switch``; 0, 2, 4, ... for ``glam``; one for ``middle``."""
-    return len(lm_moe_blocks(num_layers, layout))
+__all__ = ["validate", "ConfigError"]
 
 
 def _moe_layers_of(cfg: Config) -> tuple[int, list[str]]:
@@ -28,8 +25,11 @@ def _moe_layers_of(cfg: Config) -> tuple[int, list[str]]:
     m, v = cfg.model, cfg.vision
     if m.kind == "vit":
         return len(vit_moe_blocks(m.num_layers, v.moe_layout, v.moe_every, v.moe_last)), [
-            "model.num_layers", "vision.moe_layout", "vision.moe_every" if v.moe_layout == "every" else "vision.moe_last"]
-    return num_moe_layers(m.num_layers, m.layout), ["model.num_layers", "model.layout"]
+            "model.num_layers",
+            "vision.moe_layout",
+            "vision.moe_every" if v.moe_layout == "every" else "vision.moe_last",
+        ]
+    return len(lm_moe_blocks(m.num_layers, m.layout)), ["model.num_layers", "model.layout"]
 
 
 LM_DATA = ("synthetic", "text", "prepared")
@@ -112,16 +112,22 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     vocab = get("model.vocab_size")
     if get("model.output_layer") == "adaptive":
         if get("model.tie_embeddings"):
-            fail(["model.output_layer", "model.tie_embeddings"],
-                 "model.output_layer=adaptive has no [vocab, d_model] output matrix to share with the token "
-                 "embedding: expected model.tie_embeddings=false (or model.output_layer=chunked)")
+            fail(
+                ["model.output_layer", "model.tie_embeddings"],
+                "model.output_layer=adaptive has no [vocab, d_model] output matrix to share with the token "
+                "embedding: expected model.tie_embeddings=false (or model.output_layer=chunked)",
+            )
         if vocab and cutoffs[-1] >= vocab:
-            fail(["model.adaptive_cutoffs", "model.vocab_size"],
-                 f"every cutoff must be < model.vocab_size={vocab}, got {cutoffs[-1]}")
+            fail(
+                ["model.adaptive_cutoffs", "model.vocab_size"],
+                f"every cutoff must be < model.vocab_size={vocab}, got {cutoffs[-1]}",
+            )
         if d_model // get("model.adaptive_div_value") ** len(cutoffs) < 1:
-            fail(["model.adaptive_div_value", "model.d_model", "model.adaptive_cutoffs"],
-                 f"the last tail cluster would project to d_model // div_value**{len(cutoffs)} = 0 dims "
-                 f"(model.d_model={d_model}); expected a smaller model.adaptive_div_value or fewer cutoffs")
+            fail(
+                ["model.adaptive_div_value", "model.d_model", "model.adaptive_cutoffs"],
+                f"the last tail cluster would project to d_model // div_value**{len(cutoffs)} = 0 dims "
+                f"(model.d_model={d_model}); expected a smaller model.adaptive_div_value or fewer cutoffs",
+            )
 
     # ---- moe
     at_least("moe.num_experts", 1)
@@ -136,8 +142,11 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     non_negative("moe.balance_loss_coef")
     non_negative("moe.z_loss_coef")
     if get("moe.balance_loss") == "vmoe" and get("moe.balance_loss_coef") and not get("moe.noisy_gating"):
-        fail(["moe.balance_loss", "moe.noisy_gating"], "moe.balance_loss=vmoe needs moe.noisy_gating=true: its load "
-             "loss is the probability of staying in the top-k under re-drawn gating noise")
+        fail(
+            ["moe.balance_loss", "moe.noisy_gating"],
+            "moe.balance_loss=vmoe needs moe.noisy_gating=true: its load "
+            "loss is the probability of staying in the top-k under re-drawn gating noise",
+        )
     if get("moe.renormalize") and get("moe.gate") != "softmax_topk":
         fail(
             ["moe.renormalize", "moe.gate"],
@@ -155,8 +164,11 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
             fail(["moe.router", "moe.top_k"], f"moe.router=stablemoe routes top-1: expected moe.top_k=1, got {top_k}")
         for key in ("moe.balance_loss_coef", "moe.z_loss_coef", "moe.noisy_gating"):
             if get(key):
-                fail(["moe.router", key], f"{key}={show(get(key))} belongs to moe.router=topk; moe.router=stablemoe "
-                     "has its own balance loss (moe.stable_balance_coef): expected 0/false")
+                fail(
+                    ["moe.router", key],
+                    f"{key}={show(get(key))} belongs to moe.router=topk; moe.router=stablemoe "
+                    "has its own balance loss (moe.stable_balance_coef): expected 0/false",
+                )
 
     # ---- momentum
     in_range("momentum.mu", 0, 1)
@@ -199,36 +211,57 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     # ---- model kind <-> data kind, vision
     kind, dkind = get("model.kind"), get("data.kind")
     if kind == "vit" and dkind not in IMAGE_DATA:
-        fail(["model.kind", "data.kind"], f"model.kind=vit trains on images: expected data.kind in "
-             f"{'/'.join(IMAGE_DATA)}, got data.kind={dkind}")
+        fail(
+            ["model.kind", "data.kind"],
+            f"model.kind=vit trains on images: expected data.kind in {'/'.join(IMAGE_DATA)}, got data.kind={dkind}",
+        )
     if kind == "lm" and dkind not in LM_DATA:
-        fail(["model.kind", "data.kind"], f"data.kind={dkind} holds images: expected model.kind=vit, or data.kind "
-             f"in {'/'.join(LM_DATA)} for the language model")
+        fail(
+            ["model.kind", "data.kind"],
+            f"data.kind={dkind} holds images: expected model.kind=vit, or data.kind "
+            f"in {'/'.join(LM_DATA)} for the language model",
+        )
     for key in ("vision.image_size", "vision.patch_size", "vision.num_classes"):
         positive(key)
     size, patch = get("vision.image_size"), get("vision.patch_size")
     if size % patch != 0:
-        fail(["vision.image_size", "vision.patch_size"],
-             f"vision.image_size={size} must be a multiple of vision.patch_size={patch}")
+        fail(
+            ["vision.image_size", "vision.patch_size"],
+            f"vision.image_size={size} must be a multiple of vision.patch_size={patch}",
+        )
     at_least("vision.moe_every", 1)
     at_least("vision.moe_last", 1)
     if kind == "vit":
         if get("logging.fluct_every"):
-            fail(["logging.fluct_every", "model.kind"], "routing fluctuation tracks validation tokens of the "
-                 "language model: expected logging.fluct_every=0 with model.kind=vit")
+            fail(
+                ["logging.fluct_every", "model.kind"],
+                "routing fluctuation tracks validation tokens of the "
+                "language model: expected logging.fluct_every=0 with model.kind=vit",
+            )
         if get("model.block_style") != "pre_ln":
-            fail(["model.block_style", "model.kind"], "model.kind=vit uses pre-LN ViT blocks: expected "
-                 f"model.block_style=pre_ln, got {get('model.block_style')}")
+            fail(
+                ["model.block_style", "model.kind"],
+                "model.kind=vit uses pre-LN ViT blocks: expected "
+                f"model.block_style=pre_ln, got {get('model.block_style')}",
+            )
         if get("moe.router") != "topk":
-            fail(["moe.router", "model.kind"], "moe.router=stablemoe routes by token id, which images do not have: "
-                 "expected moe.router=topk with model.kind=vit")
+            fail(
+                ["moe.router", "model.kind"],
+                "moe.router=stablemoe routes by token id, which images do not have: "
+                "expected moe.router=topk with model.kind=vit",
+            )
         if get("vision.moe_layout") == "last" and get("vision.moe_last") > get("model.num_layers"):
-            fail(["vision.moe_last", "model.num_layers"], f"vision.moe_last={get('vision.moe_last')} must be <= "
-                 f"model.num_layers={get('model.num_layers')}")
+            fail(
+                ["vision.moe_last", "model.num_layers"],
+                f"vision.moe_last={get('vision.moe_last')} must be <= model.num_layers={get('model.num_layers')}",
+            )
         n_moe, decided_by = _moe_layers_of(cfg)
         if n_moe == 0:
-            fail(decided_by, f"the model would have no MoE layer ({', '.join(f'{k}={show(get(k))}' for k in decided_by)}); "
-                 "expected vision.moe_every <= model.num_layers")
+            fail(
+                decided_by,
+                f"the model would have no MoE layer ({', '.join(f'{k}={show(get(k))}' for k in decided_by)}); "
+                "expected vision.moe_every <= model.num_layers",
+            )
     non_negative("vision.randaugment_ops")
     in_range("vision.randaugment_magnitude", 0, 30, high_closed=True)
     non_negative("vision.mixup_alpha", " (0 = off)")
@@ -236,8 +269,11 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     non_negative("vision.num_workers")
     in_range("vision.synthetic_classes", 2, 48, high_closed=True)
     if dkind == "synthetic_images" and get("vision.synthetic_classes") > get("vision.num_classes"):
-        fail(["vision.synthetic_classes", "vision.num_classes"], f"vision.synthetic_classes="
-             f"{get('vision.synthetic_classes')} must be <= vision.num_classes={get('vision.num_classes')}")
+        fail(
+            ["vision.synthetic_classes", "vision.num_classes"],
+            f"vision.synthetic_classes="
+            f"{get('vision.synthetic_classes')} must be <= vision.num_classes={get('vision.num_classes')}",
+        )
     positive("vision.synthetic_train_per_class")
     positive("vision.synthetic_val_per_class")
 
@@ -283,9 +319,14 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     positive("parallel.timeout_s")
     dtype, engine, stage = get("train.dtype"), get("parallel.engine"), get("parallel.zero_stage")
     if engine == "native" and dtype == "fp16":
-        fail(["train.dtype", "parallel.engine"],
-             "train.dtype=fp16 needs loss scaling, which only parallel.engine=deepspeed provides (expected bf16 or fp32)")
+        fail(
+            ["train.dtype", "parallel.engine"],
+            "train.dtype=fp16 needs loss scaling, which only parallel.engine=deepspeed provides "
+            "(expected bf16 or fp32)",
+        )
     if engine != "native" and dtype in ("bf16", "fp16") and stage == 0:
-        fail(["train.dtype", "parallel.zero_stage"],
-             f"train.dtype={dtype} with parallel.zero_stage=0 is refused: DeepSpeed's stage-0 {dtype} optimizer "
-             "leaves expert gradients out of the norm (and fp16 skips loss scaling); expected zero_stage 1 or 2")
+        fail(
+            ["train.dtype", "parallel.zero_stage"],
+            f"train.dtype={dtype} with parallel.zero_stage=0 is refused: DeepSpeed's stage-0 {dtype} optimizer "
+            "leaves expert gradients out of the norm (and fp16 skips loss scaling); expected zero_stage 1 or 2",
+        )

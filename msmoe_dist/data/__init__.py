@@ -18,9 +18,10 @@ from .batches import (
     training_batch,
     window_seed,
 )
-from .corpus import SPLITS, Corpus, find_split_files, load_corpus
+from .corpus import Corpus, load_corpus
 from .errors import DataError
 from .prepared import prepare_corpus
+from .splits import SPLITS, find_split_files
 from .synthetic import GENERATOR_VERSION, generate_corpus
 from .tokenizer import SentencePieceTokenizer, WordTokenizer
 from .vocab import EOS, UNK, Vocab, iter_file_tokens, tokenize_line

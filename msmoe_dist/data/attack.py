@@ -31,7 +31,7 @@ import hashlib
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -43,7 +43,7 @@ ATTACK_RATE = 0.025
 STOPWORDS_FILE = "stopwords_en.txt"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _packaged_stopwords() -> frozenset[str]:
     text = resources.files(__package__).joinpath(STOPWORDS_FILE).read_text(encoding="utf-8")
     return _parse_stopwords(text)
@@ -60,8 +60,9 @@ def load_stopwords(path=None) -> frozenset[str]:
     try:
         return _parse_stopwords(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"stopword file {path} is unreadable ({exc.__class__.__name__}), expected UTF-8 text "
-                        "with one word per line") from None
+        raise DataError(
+            f"stopword file {path} is unreadable ({exc.__class__.__name__}), expected UTF-8 text with one word per line"
+        ) from None
 
 
 def is_candidate(word: str, stopwords: frozenset[str]) -> bool:
@@ -87,8 +88,14 @@ class AttackStats:
         return self.replaced / max(self.candidates, 1)
 
 
-def attack_line(line: str, line_index: int, seed: int, rate: float = ATTACK_RATE,
-                stopwords: frozenset[str] | None = None, junk: str = JUNK_TOKEN) -> tuple[str, int, int]:
+def attack_line(
+    line: str,
+    line_index: int,
+    seed: int,
+    rate: float = ATTACK_RATE,
+    stopwords: frozenset[str] | None = None,
+    junk: str = JUNK_TOKEN,
+) -> tuple[str, int, int]:
     """(attacked line, candidates, replaced) for line number ``line_index`` of a split."""
     stop = _packaged_stopwords() if stopwords is None else stopwords
     words = line.split()
@@ -105,8 +112,13 @@ def attack_line(line: str, line_index: int, seed: int, rate: float = ATTACK_RATE
     return " " + " ".join(words) + (" \n" if line.endswith("\n") else " "), candidates, replaced
 
 
-def attack_lines(lines: Iterable[str], seed: int = 0, rate: float = ATTACK_RATE,
-                 stopwords: frozenset[str] | None = None, junk: str = JUNK_TOKEN) -> tuple[list[str], AttackStats]:
+def attack_lines(
+    lines: Iterable[str],
+    seed: int = 0,
+    rate: float = ATTACK_RATE,
+    stopwords: frozenset[str] | None = None,
+    junk: str = JUNK_TOKEN,
+) -> tuple[list[str], AttackStats]:
     """Every line attacked (line indices count from 0 in the order given), and what was done."""
     if not 0.0 <= rate <= 1.0:
         raise DataError(f"attack rate must be in [0, 1], got {rate!r}")

@@ -68,8 +68,9 @@ def _check_batch_args(batch_size: int, seq_len: int, step: int, rank: int, world
         raise DataError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
 
 
-def train_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int,
-                rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def train_batch(
+    stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows: (inputs, targets), both [batch_size, seq_len], targets shifted by one.
 
     Offsets depend only on (seed, step, rank), so ranks read different windows and a
@@ -100,14 +101,17 @@ def sequential_layout(num_tokens: int, batch_size: int, seq_len: int, world_size
     lane_len = (num_tokens - 1) // lanes
     windows = lane_len // seq_len
     if windows < 1:
-        raise DataError(f"sequential batches: a stream of {num_tokens} tokens cut into world_size*batch_size = "
-                        f"{lanes} lanes leaves {lane_len} targets per lane, fewer than data.seq_len={seq_len}; "
-                        "expected a longer training split or a smaller batch/seq_len")
+        raise DataError(
+            f"sequential batches: a stream of {num_tokens} tokens cut into world_size*batch_size = "
+            f"{lanes} lanes leaves {lane_len} targets per lane, fewer than data.seq_len={seq_len}; "
+            "expected a longer training split or a smaller batch/seq_len"
+        )
     return lane_len, windows
 
 
-def sequential_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, rank: int = 0,
-                     world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def sequential_batch(
+    stream: torch.Tensor, step: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank ``rank``'s (inputs, targets) at ``step``: window step mod W of each of its B lanes, in order.
 
     See the module docstring for the lane layout; both tensors are int64 [batch_size, seq_len].
@@ -122,8 +126,9 @@ def sequential_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: 
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
-def training_batch(data_cfg, stream: torch.Tensor, index: int, seed: int, rank: int = 0,
-                   world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(
+    data_cfg, stream: torch.Tensor, index: int, seed: int, rank: int = 0, world_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's one call: micro-batch ``index`` (step * grad_accum + micro) by ``data_cfg.sampler``."""
     if data_cfg.sampler == "sequential":
         return sequential_batch(stream, index, data_cfg.batch_size, data_cfg.seq_len, rank, world_size)
@@ -139,8 +144,9 @@ def num_eval_batches(num_tokens: int, batch_size: int, seq_len: int) -> int:
     return -(-full // batch_size) + (1 if targets % seq_len else 0)
 
 
-def eval_batches(stream: torch.Tensor, batch_size: int, seq_len: int,
-                 max_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping (inputs, targets) windows over the whole stream, in order.
 
     Full windows come ``batch_size`` per batch (the last full batch may have fewer rows);
@@ -163,11 +169,11 @@ def _eval_iter(stream, targets: int, batch_size: int, seq_len: int, max_batches:
         if max_batches and yielded >= max_batches:
             return
         rows = min(batch_size, full - first)
-        block = stream[first * seq_len: (first + rows) * seq_len + 1].long()
+        block = stream[first * seq_len : (first + rows) * seq_len + 1].long()
         yield block[:-1].reshape(rows, seq_len), block[1:].reshape(rows, seq_len)
         yielded += 1
     rest = targets - full * seq_len
     if rest and not (max_batches and yielded >= max_batches):
         start = full * seq_len
-        block = stream[start: start + rest + 1].long()
+        block = stream[start : start + rest + 1].long()
         yield block[:-1].reshape(1, rest), block[1:].reshape(1, rest)

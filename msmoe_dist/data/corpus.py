@@ -20,50 +20,24 @@ unreadable cache) rebuilds the entry.  Caching is best effort: a read-only corpu
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from msmoe_dist.io import atomic_output
+
 from .errors import DataError
+from .prepared import load_tokenizer, map_split, read_meta
+from .splits import SPLITS, find_split_files
 from .synthetic import CACHE_DIR, generate_corpus
 from .tokenizer import SentencePieceTokenizer, WordTokenizer, count_words, tokenizer_settings
 from .vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 _CACHE_VERSION = 1
-
-
-def _candidates(split: str) -> tuple[str, str]:
-    return f"{split}.txt", f"wiki.{split}.tokens"
-
-
-def find_split_files(path, splits=SPLITS) -> dict[str, Path]:
-    """Map each requested split to its file in ``path``; either naming layout is accepted per split."""
-    root = Path(path)
-    layouts = "train.txt/valid.txt/test.txt or wiki.train.tokens/wiki.valid.tokens/wiki.test.tokens"
-    if not root.exists():
-        raise DataError(f"data directory {root} does not exist, expected a directory with {layouts}")
-    if not root.is_dir():
-        raise DataError(f"data path {root} is not a directory, expected a directory with {layouts}")
-    found, missing = {}, []
-    for split in splits:
-        if split not in SPLITS:
-            raise DataError(f"unknown split {split!r}, expected one of {', '.join(SPLITS)}")
-        hit = next((root / n for n in _candidates(split) if (root / n).is_file()), None)
-        if hit is None:
-            missing.append(split)
-        else:
-            found[split] = hit
-    if missing:
-        looked = ", ".join(n for s in missing for n in _candidates(s))
-        raise DataError(f"data directory {root} has no {'/'.join(missing)} split: looked for {looked}")
-    return found
 
 
 @dataclass
@@ -86,15 +60,19 @@ class Corpus:
         """The text of split ``name`` (the attack re-reads it); DataError if it is not there."""
         path = self.files.get(name)
         if path is None or not Path(path).is_file():
-            raise DataError(f"the text of the {name} split ({path or 'unknown'}) is not available; expected the "
-                            "text corpus the data was prepared from (pass its directory with --text-path)")
+            raise DataError(
+                f"the text of the {name} split ({path or 'unknown'}) is not available; expected the "
+                "text corpus the data was prepared from (pass its directory with --text-path)"
+            )
         return Path(path)
 
     def split(self, name: str) -> torch.Tensor:
         stream = getattr(self, name, None) if name in SPLITS else None
         if stream is None:
-            raise DataError(f"split {name!r} was not loaded, expected one of the requested splits "
-                            f"({', '.join(s for s in SPLITS if getattr(self, s) is not None)})")
+            raise DataError(
+                f"split {name!r} was not loaded, expected one of the requested splits "
+                f"({', '.join(s for s in SPLITS if getattr(self, s) is not None)})"
+            )
         return stream
 
 
@@ -120,13 +98,13 @@ def load_corpus(cfg, splits=SPLITS) -> Corpus:
 
 
 def _load_prepared(cfg, splits) -> Corpus:
-    from .prepared import load_tokenizer, map_split, read_meta
-
     meta = read_meta(cfg.path)
     wanted, have = tokenizer_settings(cfg), meta.get("tokenizer")
     if wanted != have:
-        raise DataError(f"prepared corpus {cfg.path} was tokenized with {have}, but the config asks for {wanted}; "
-                        "expected matching data.tokenizer/data.sp_* (or prepare the corpus again)")
+        raise DataError(
+            f"prepared corpus {cfg.path} was tokenized with {have}, but the config asks for {wanted}; "
+            "expected matching data.tokenizer/data.sp_* (or prepare the corpus again)"
+        )
     tokenizer = load_tokenizer(cfg.path, meta)
     source = Path(str(meta.get("source_dir", "")))
     files = {s: source / str(e.get("source", "")) for s, e in meta["splits"].items() if isinstance(e, dict)}
@@ -156,14 +134,14 @@ def _read_cache(path: Path, expected: dict) -> dict | None:
 
 
 def _write_cache(path: Path, payload: dict) -> None:
-    """torch.save via a temp file and os.replace; failures only cost speed, so they are logged, not raised."""
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    """torch.save, atomically; failures only cost speed, so they are logged, not raised.
+
+    No fsync: a cache entry lost or torn by a power cut fails its key or its load and is rebuilt."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path, fsync=False) as f:
+            torch.save(payload, f)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.warning("could not write cache %s (%s); continuing without it", path, exc)
 
 

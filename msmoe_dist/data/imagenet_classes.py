@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from importlib import resources
 
+from .errors import ImageDataError
+
 NUM_IMAGENET_CLASSES = 1000
 
 
@@ -37,8 +39,6 @@ def class_to_index(folder_wnids: list[str], num_classes: int) -> dict[str, int]:
     otherwise the sorted names are numbered 0, 1, ... (torchvision ``ImageFolder``'s rule).
     Raises ImageDataError when there are no names or they do not fit in ``num_classes``.
     """
-    from .images import ImageDataError  # images.py imports this module; import here to avoid a cycle
-
     names = sorted(set(folder_wnids))
     if not names:
         raise ImageDataError("no class folders given; expected ImageNet wnids (n01440764, ...) or class names")
@@ -49,9 +49,12 @@ def class_to_index(folder_wnids: list[str], num_classes: int) -> dict[str, int]:
             raise ImageDataError(
                 f"class folder {top} is ImageNet-1K class {mapping[top]}, which does not fit in "
                 f"vision.num_classes={num_classes}; expected vision.num_classes={NUM_IMAGENET_CLASSES} for "
-                "ImageNet wnid folders (a subset of the classes still uses the canonical indices)")
+                "ImageNet wnid folders (a subset of the classes still uses the canonical indices)"
+            )
         return mapping
     if len(names) > num_classes:
-        raise ImageDataError(f"{len(names)} class folders ({names[0]} ... {names[-1]}) do not fit in "
-                             f"vision.num_classes={num_classes}; expected at most {num_classes} folders")
+        raise ImageDataError(
+            f"{len(names)} class folders ({names[0]} ... {names[-1]}) do not fit in "
+            f"vision.num_classes={num_classes}; expected at most {num_classes} folders"
+        )
     return {name: i for i, name in enumerate(names)}

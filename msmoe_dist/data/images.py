@@ -28,15 +28,16 @@ import functools
 import hashlib
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError
+from .errors import ImageDataError  # eval/ and tests import it from here too
 from .imagenet_classes import class_to_index
 
 if TYPE_CHECKING:
@@ -47,13 +48,6 @@ NORM_MEAN = (0.5, 0.5, 0.5)  # V-MoE's [-1, 1] scaling, see the module docstring
 NORM_STD = (0.5, 0.5, 0.5)
 LAYOUT_HINT = "expected train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
 _U64 = (1 << 64) - 1
-
-
-class ImageDataError(DataError):
-    """A user-facing image-data problem; one line naming the path and what was expected.
-
-    A ``DataError`` (hence a ``ValueError``), so the CLI's existing mapping to exit code 2 applies.
-    """
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -71,15 +65,18 @@ def _scan(root: Path) -> tuple[list[str], list[list[str]]]:
     if not classes:
         loose = sum(1 for name, is_dir in listing if not is_dir and name.lower().endswith(IMAGE_EXTENSIONS))
         found = f"found {loose} images directly in it but " if loose else ""
-        raise ImageDataError(f"no class folders in {root}: {found}expected {root}/<wnid>/*.JPEG "
-                             f"(one folder per class; {LAYOUT_HINT})")
+        raise ImageDataError(
+            f"no class folders in {root}: {found}expected {root}/<wnid>/*.JPEG (one folder per class; {LAYOUT_HINT})"
+        )
     files = []
     for name in classes:
         with os.scandir(root / name) as entries:
             images = sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
         if not images:
-            raise ImageDataError(f"empty class: {root / name} has no .JPEG/.jpg/.png images; expected "
-                                 f"{root}/<class>/*.JPEG with at least one image per class folder")
+            raise ImageDataError(
+                f"empty class: {root / name} has no .JPEG/.jpg/.png images; expected "
+                f"{root}/<class>/*.JPEG with at least one image per class folder"
+            )
         files.append(images)
     return classes, files
 
@@ -108,8 +105,9 @@ class ImageFolderDataset(Dataset):
     reference counting (ImageNet train: 1.28M names); ``samples`` builds the list on demand.
     """
 
-    def __init__(self, root, num_classes: int, transform: Callable | None = None,
-                 class_to_idx: dict[str, int] | None = None):
+    def __init__(
+        self, root, num_classes: int, transform: Callable | None = None, class_to_idx: dict[str, int] | None = None
+    ):
         """``class_to_idx``: the training split's mapping, so that a validation folder holding only some
         of the (non-wnid) classes keeps the training labels; its folders must all be in it."""
         self.root = Path(root)
@@ -118,8 +116,10 @@ class ImageFolderDataset(Dataset):
         if class_to_idx is not None:
             unknown = [c for c in self.classes if c not in class_to_idx]
             if unknown:
-                raise ImageDataError(f"{self.root}: class folder {unknown[0]!r} is not a training class; expected "
-                                     "the same class folders as the training split")
+                raise ImageDataError(
+                    f"{self.root}: class folder {unknown[0]!r} is not a training class; expected "
+                    "the same class folders as the training split"
+                )
             self.class_to_idx = {c: class_to_idx[c] for c in self.classes}
         else:
             try:
@@ -128,8 +128,9 @@ class ImageFolderDataset(Dataset):
                 raise ImageDataError(f"{self.root}: {exc}") from None
         rel = [os.fsencode(os.path.join(c, f)) for c, names in zip(self.classes, files) for f in names]
         self._rel_paths = np.array(rel, dtype=np.bytes_)
-        self._labels = np.array([self.class_to_idx[c] for c, names in zip(self.classes, files) for _ in names],
-                                dtype=np.int64)
+        self._labels = np.array(
+            [self.class_to_idx[c] for c, names in zip(self.classes, files) for _ in names], dtype=np.int64
+        )
         # Shape of every transformed image when known (our transforms carry it): lets the collate
         # build an empty [0, 3, S, S] batch when every image in it is unreadable.
         self.image_shape: tuple[int, ...] | None = getattr(transform, "output_shape", None)
@@ -188,8 +189,10 @@ def _torchvision_transforms():
     try:
         from torchvision import transforms
     except ImportError as exc:  # torchvision is the optional [vision] extra
-        raise ImageDataError("images need torchvision, the optional [vision] extra: expected it installed "
-                             "(pip install -e '.[dev,vision]')") from exc
+        raise ImageDataError(
+            "images need torchvision, the optional [vision] extra: expected it installed "
+            "(pip install -e '.[dev,vision]')"
+        ) from exc
     return transforms
 
 
@@ -233,14 +236,22 @@ class ImageBatch:
     unreadable_indices: tuple[int, ...] = ()  # dataset indices of the dropped files (dataset.path(i))
 
     def pin_memory(self) -> ImageBatch:  # called by DataLoader(pin_memory=True)
-        return ImageBatch(self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(),
-                          self.num_unreadable, self.unreadable_indices)
+        return ImageBatch(
+            self.images.pin_memory(),
+            self.labels.pin_memory(),
+            self.indices.pin_memory(),
+            self.num_unreadable,
+            self.unreadable_indices,
+        )
 
     def to(self, device, non_blocking: bool = False) -> ImageBatch:
-        return ImageBatch(self.images.to(device, non_blocking=non_blocking),
-                          self.labels.to(device, non_blocking=non_blocking),
-                          self.indices.to(device, non_blocking=non_blocking),
-                          self.num_unreadable, self.unreadable_indices)
+        return ImageBatch(
+            self.images.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.indices.to(device, non_blocking=non_blocking),
+            self.num_unreadable,
+            self.unreadable_indices,
+        )
 
 
 def collate_skip_unreadable(batch: list, image_shape: tuple[int, ...] | None = None) -> ImageBatch:
@@ -254,8 +265,10 @@ def collate_skip_unreadable(batch: list, image_shape: tuple[int, ...] | None = N
     if good:
         shapes = {tuple(item[0].shape) for item in good}
         if len(shapes) > 1:
-            raise ValueError(f"images of different shapes {sorted(shapes)} in one batch; use a transform that "
-                             "crops to a fixed size (train_transform/eval_transform)")
+            raise ValueError(
+                f"images of different shapes {sorted(shapes)} in one batch; use a transform that "
+                "crops to a fixed size (train_transform/eval_transform)"
+            )
         images = torch.stack([item[0] for item in good])
     else:
         images = torch.zeros((0, *(image_shape or (3, 0, 0))))
@@ -269,8 +282,10 @@ def collate_skip_unreadable(batch: list, image_shape: tuple[int, ...] | None = N
 
 def _check_layout(num_samples: int, batch_size: int, rank: int, world: int) -> None:
     if num_samples < 1 or batch_size < 1 or world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need num_samples >= 1, batch_size >= 1, 0 <= rank < world, got num_samples={num_samples}, "
-                         f"batch_size={batch_size}, rank={rank}, world={world}")
+        raise ValueError(
+            f"need num_samples >= 1, batch_size >= 1, 0 <= rank < world, got num_samples={num_samples}, "
+            f"batch_size={batch_size}, rank={rank}, world={world}"
+        )
 
 
 @functools.lru_cache(maxsize=2)
@@ -296,8 +311,9 @@ def _aug_seeds(seed: int, positions: np.ndarray) -> np.ndarray:
     return (_mix64(z) >> np.uint64(1)).astype(np.int64)  # 63 bits: a valid torch seed and int64
 
 
-def train_sample_keys(num_samples: int, batch_size: int, micro_index: int, seed: int,
-                      rank: int, world: int) -> list[tuple[int, int]]:
+def train_sample_keys(
+    num_samples: int, batch_size: int, micro_index: int, seed: int, rank: int, world: int
+) -> list[tuple[int, int]]:
     """The ``(index, aug_seed)`` keys rank ``rank`` reads at global micro-batch ``micro_index``.
 
     Stream position p holds image perm_{p // N}[p % N], perm_e a permutation of range(N) seeded by
@@ -337,8 +353,14 @@ def _image_shape(dataset) -> tuple[int, ...] | None:
     return getattr(dataset, "image_shape", None)
 
 
-def _data_loader(dataset: ImageFolderDataset, batch_sampler, num_workers: int, pin_memory: bool | None,
-                 timeout_s: float, prefetch_factor: int) -> DataLoader:
+def _data_loader(
+    dataset: ImageFolderDataset,
+    batch_sampler,
+    num_workers: int,
+    pin_memory: bool | None,
+    timeout_s: float,
+    prefetch_factor: int,
+) -> DataLoader:
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     workers = num_workers > 0
@@ -391,16 +413,25 @@ class TrainLoader:
         self.close()
 
 
-def train_loader(dataset: ImageFolderDataset, batch_size: int, seed: int, start_micro: int, rank: int, world: int,
-                 num_workers: int, *, pin_memory: bool | None = None, timeout_s: float = 300.0,
-                 prefetch_factor: int = 2) -> TrainLoader:
+def train_loader(
+    dataset: ImageFolderDataset,
+    batch_size: int,
+    seed: int,
+    start_micro: int,
+    rank: int,
+    world: int,
+    num_workers: int,
+    *,
+    pin_memory: bool | None = None,
+    timeout_s: float = 300.0,
+    prefetch_factor: int = 2,
+) -> TrainLoader:
     """Endless training batches of this rank from global micro-batch ``start_micro`` on.
 
     Resume with ``start_micro = step * grad_accum``.  ``pin_memory=None`` pins when CUDA exists.
     """
     sampler = _TrainKeySampler(len(dataset), batch_size, seed, start_micro, rank, world)
-    return TrainLoader(_data_loader(dataset, sampler, num_workers, pin_memory, timeout_s, prefetch_factor),
-                       start_micro)
+    return TrainLoader(_data_loader(dataset, sampler, num_workers, pin_memory, timeout_s, prefetch_factor), start_micro)
 
 
 # ----------------------------------------------------------------------------- evaluation order
@@ -428,8 +459,17 @@ class _EvalKeySampler:
             yield list(range(b * self.batch_size, min(self.num_samples, (b + 1) * self.batch_size)))
 
 
-def eval_loader(dataset: ImageFolderDataset, batch_size: int, rank: int, world: int, num_workers: int, *,
-                pin_memory: bool | None = None, timeout_s: float = 300.0, prefetch_factor: int = 2) -> DataLoader:
+def eval_loader(
+    dataset: ImageFolderDataset,
+    batch_size: int,
+    rank: int,
+    world: int,
+    num_workers: int,
+    *,
+    pin_memory: bool | None = None,
+    timeout_s: float = 300.0,
+    prefetch_factor: int = 2,
+) -> DataLoader:
     """Each image exactly once across the ``world`` ranks, in dataset order; ``len()`` = this rank's batches.
 
     ``dataset`` may also be a ``torch.utils.data.Subset`` of an ImageFolderDataset.
@@ -441,8 +481,9 @@ def eval_loader(dataset: ImageFolderDataset, batch_size: int, rank: int, world: 
 # ----------------------------------------------------------------------------- mixup
 
 
-def mixup(images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float,
-          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each image with its partner in the flipped batch: x_i' = lam x_i + (1 - lam) x_{N-1-i}.
 
     lam ~ Beta(alpha, alpha), one per batch, drawn with NumPy from a seed taken from ``generator``

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import secrets
 from pathlib import Path
+
+from msmoe_dist.io import TMP_PREFIX, atomic_write
 
 from .errors import DataError
 
@@ -31,16 +31,19 @@ MANIFEST = "corpus.json"
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
 CACHE_DIR = ".msmoe_cache"  # corpus.py's encoded-tensor cache; its presence does not make a directory foreign
 _OWN_EXTRA = (CACHE_DIR,)
-_TMP_PREFIX = ".tmp-"
 
-_NAMES = ("Aldric Bertram Cedric Doran Edwyn Falko Gideon Halvar Isolde Jorund Kestrel Leofric Maren "
-          "Niall Osric Perrin Quillon Rowena Sigrun Tamsin Ulric Vesna Wilmar Yorick Anselm Brina Corwin "
-          "Dagny Elric Freya Garrick Hilde Ingram Jessa Kael Lorcan Mireille Norbert Odile Piers Rhoswen "
-          "Stellan Thora Ulla Varro Wendel Ysolde Ottilie").split()
-_PLACES = ("Ashford Brackwater Coldharbour Dunmere Eastwick Fallowmere Greystone Harrowgate Ironbridge "
-           "Kettleby Larkspur Marrowdale Northfold Oakhaven Pennock Quarrymoor Ravensholm Saltmarsh "
-           "Thornbury Underhill Valebrook Westerly Wychford Yarrowby Amberley Blackmoor Cinderford "
-           "Dovecote Elmstead Foxhollow Glenmarsh Hollins").split()
+_NAMES = (
+    "Aldric Bertram Cedric Doran Edwyn Falko Gideon Halvar Isolde Jorund Kestrel Leofric Maren "
+    "Niall Osric Perrin Quillon Rowena Sigrun Tamsin Ulric Vesna Wilmar Yorick Anselm Brina Corwin "
+    "Dagny Elric Freya Garrick Hilde Ingram Jessa Kael Lorcan Mireille Norbert Odile Piers Rhoswen "
+    "Stellan Thora Ulla Varro Wendel Ysolde Ottilie"
+).split()
+_PLACES = (
+    "Ashford Brackwater Coldharbour Dunmere Eastwick Fallowmere Greystone Harrowgate Ironbridge "
+    "Kettleby Larkspur Marrowdale Northfold Oakhaven Pennock Quarrymoor Ravensholm Saltmarsh "
+    "Thornbury Underhill Valebrook Westerly Wychford Yarrowby Amberley Blackmoor Cinderford "
+    "Dovecote Elmstead Foxhollow Glenmarsh Hollins"
+).split()
 
 
 def _pairs(text: str) -> list[tuple[str, ...]]:
@@ -48,30 +51,41 @@ def _pairs(text: str) -> list[tuple[str, ...]]:
 
 
 # People and groups (singular/plural): the only nouns that act as subjects.
-_AGENTS = _pairs("farmer/farmers miller/millers soldier/soldiers bishop/bishops merchant/merchants "
-                 "sailor/sailors king/kings queen/queens poet/poets painter/painters builder/builders "
-                 "monk/monks weaver/weavers smith/smiths hunter/hunters abbot/abbots knight/knights "
-                 "scholar/scholars engineer/engineers architect/architects officer/officers elder/elders "
-                 "student/students owner/owners")
-_THINGS = _pairs("bridge/bridges castle/castles church/churches river/rivers village/villages road/roads "
-                 "mill/mills ship/ships tower/towers garden/gardens school/schools library/libraries "
-                 "harbour/harbours market/markets wall/walls gate/gates book/books song/songs letter/letters "
-                 "coin/coins horse/horses forest/forests valley/valleys hill/hills island/islands lake/lakes "
-                 "organ/organs abbey/abbeys archive/archives estate/estates engine/engines orchard/orchards "
-                 "inn/inns oak/oaks anvil/anvils altar/altars image/images arch/arches")
+_AGENTS = _pairs(
+    "farmer/farmers miller/millers soldier/soldiers bishop/bishops merchant/merchants "
+    "sailor/sailors king/kings queen/queens poet/poets painter/painters builder/builders "
+    "monk/monks weaver/weavers smith/smiths hunter/hunters abbot/abbots knight/knights "
+    "scholar/scholars engineer/engineers architect/architects officer/officers elder/elders "
+    "student/students owner/owners"
+)
+_THINGS = _pairs(
+    "bridge/bridges castle/castles church/churches river/rivers village/villages road/roads "
+    "mill/mills ship/ships tower/towers garden/gardens school/schools library/libraries "
+    "harbour/harbours market/markets wall/walls gate/gates book/books song/songs letter/letters "
+    "coin/coins horse/horses forest/forests valley/valleys hill/hills island/islands lake/lakes "
+    "organ/organs abbey/abbeys archive/archives estate/estates engine/engines orchard/orchards "
+    "inn/inns oak/oaks anvil/anvils altar/altars image/images arch/arches"
+)
 # Transitive verbs: base / third person singular / past.
-_VERBS = _pairs("build/builds/built visit/visits/visited defend/defends/defended describe/describes/described "
-                "repair/repairs/repaired sell/sells/sold buy/buys/bought paint/paints/painted write/writes/wrote "
-                "find/finds/found guard/guards/guarded cross/crosses/crossed rule/rules/ruled "
-                "carry/carries/carried open/opens/opened design/designs/designed restore/restores/restored "
-                "study/studies/studied praise/praises/praised destroy/destroys/destroyed hold/holds/held "
-                "keep/keeps/kept see/sees/saw leave/leaves/left protect/protects/protected "
-                "enlarge/enlarges/enlarged inherit/inherits/inherited")
-_ADJS = ("old new large small northern southern ancient famous quiet busy narrow wide wooden royal "
-         "local eastern western grey green golden broken hidden early great little dark bright "
-         "empty ornate upper").split()
-_SECTIONS = [s.split("_") for s in "History Description Early_life Construction Geography Legacy "
-             "Reception Later_years Architecture Notes".split()]
+_VERBS = _pairs(
+    "build/builds/built visit/visits/visited defend/defends/defended describe/describes/described "
+    "repair/repairs/repaired sell/sells/sold buy/buys/bought paint/paints/painted write/writes/wrote "
+    "find/finds/found guard/guards/guarded cross/crosses/crossed rule/rules/ruled "
+    "carry/carries/carried open/opens/opened design/designs/designed restore/restores/restored "
+    "study/studies/studied praise/praises/praised destroy/destroys/destroyed hold/holds/held "
+    "keep/keeps/kept see/sees/saw leave/leaves/left protect/protects/protected "
+    "enlarge/enlarges/enlarged inherit/inherits/inherited"
+)
+_ADJS = (
+    "old new large small northern southern ancient famous quiet busy narrow wide wooden royal "
+    "local eastern western grey green golden broken hidden early great little dark bright "
+    "empty ornate upper"
+).split()
+_SECTIONS = [
+    s.split("_")
+    for s in "History Description Early_life Construction Geography Legacy "
+    "Reception Later_years Architecture Notes".split()
+]
 _NUMBERS = "one two three four five six seven eight nine ten eleven twelve".split()
 _YEAR_MIN, _YEAR_MAX = 1800, 1959
 
@@ -135,8 +149,19 @@ class _Grammar:
         elif kind < 0.67:  # quote that must be closed, copula agrees with the head noun
             noun = choice(_THINGS)
             pl = rng.random() < 0.5
-            words = [self.topic, "wrote", "that", '"', "the", noun[1 if pl else 0], "of", choice(_PLACES),
-                     "are" if pl else "is", choice(_ADJS), '"']
+            words = [
+                self.topic,
+                "wrote",
+                "that",
+                '"',
+                "the",
+                noun[1 if pl else 0],
+                "of",
+                choice(_PLACES),
+                "are" if pl else "is",
+                choice(_ADJS),
+                '"',
+            ]
         elif kind < 0.75:  # counting up from one
             n = rng.randint(2, len(_NUMBERS))
             count = [w for i in range(n - 1) for w in (_NUMBERS[i], ",")][:-1] + ["and", _NUMBERS[n - 1]]
@@ -152,8 +177,20 @@ class _Grammar:
         else:  # hyphenated compound in WikiText's @-@ style, attractor before the copula
             noun = choice(_THINGS)
             pl = rng.random() < 0.5
-            words = ["the", noun[1 if pl else 0], "near", "the", choice(_THINGS)[0 if pl else 1], "of", self.home,
-                     "are" if pl else "is", choice(("north", "south")), "@-@", choice(("east", "west")), "of"]
+            words = [
+                "the",
+                noun[1 if pl else 0],
+                "near",
+                "the",
+                choice(_THINGS)[0 if pl else 1],
+                "of",
+                self.home,
+                "are" if pl else "is",
+                choice(("north", "south")),
+                "@-@",
+                choice(("east", "west")),
+                "of",
+            ]
             words += ["the", choice(_THINGS)[0]]
         words = words + ["."]
         return [words[0][:1].upper() + words[0][1:]] + words[1:]
@@ -181,30 +218,15 @@ def _split_seed(seed: int, split: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and os.replace, so readers never see half a file.
-
-    The temp name is unique per process, so ranks generating the same corpus at once each
-    replace the file with identical bytes.  open("xb") keeps the umask's permissions.
-    """
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _check_count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise DataError(f"synthetic corpus: {name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
-def generate_corpus(out_dir, num_train_lines: int, seed: int,
-                    num_valid_lines: int | None = None, num_test_lines: int | None = None) -> dict:
+def generate_corpus(
+    out_dir, num_train_lines: int, seed: int, num_valid_lines: int | None = None, num_test_lines: int | None = None
+) -> dict:
     """Write train.txt/valid.txt/test.txt and corpus.json into ``out_dir``; return the manifest.
 
     Idempotent: a directory already holding a complete corpus with the same parameters is
@@ -216,9 +238,11 @@ def generate_corpus(out_dir, num_train_lines: int, seed: int,
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise DataError(f"synthetic corpus: seed must be an integer, got {seed!r}")
     default_eval = max(10, num_train_lines // 20)
-    lines = {"train": num_train_lines,
-             "valid": default_eval if num_valid_lines is None else _check_count("num_valid_lines", num_valid_lines, 1),
-             "test": default_eval if num_test_lines is None else _check_count("num_test_lines", num_test_lines, 1)}
+    lines = {
+        "train": num_train_lines,
+        "valid": default_eval if num_valid_lines is None else _check_count("num_valid_lines", num_valid_lines, 1),
+        "test": default_eval if num_test_lines is None else _check_count("num_test_lines", num_test_lines, 1),
+    }
     params = {"generator": GENERATOR_NAME, "version": GENERATOR_VERSION, "seed": seed, "lines": lines}
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -227,37 +251,44 @@ def generate_corpus(out_dir, num_train_lines: int, seed: int,
     if existing is not None:
         old = {k: existing.get(k) for k in params}
         if old != params:
-            raise DataError(f"synthetic corpus: {out} holds a corpus generated with {_describe(old)}, expected "
-                            f"{_describe(params)}; use another data.path or delete that directory")
+            raise DataError(
+                f"synthetic corpus: {out} holds a corpus generated with {_describe(old)}, expected "
+                f"{_describe(params)}; use another data.path or delete that directory"
+            )
         if existing.get("complete"):
             if _files_match(out, existing):
                 return existing
-            raise DataError(f"synthetic corpus: files in {out} no longer match {MANIFEST} (modified or deleted); "
-                            "delete that directory to regenerate it")
+            raise DataError(
+                f"synthetic corpus: files in {out} no longer match {MANIFEST} (modified or deleted); "
+                "delete that directory to regenerate it"
+            )
         # An incomplete manifest is our own interrupted run: regenerate (same bytes) below.
     else:
         foreign = sorted(p.name for p in out.iterdir() if not _is_own(p.name)) if out.is_dir() else []
         if foreign:
-            raise DataError(f"synthetic corpus: {out} is not empty and has no {MANIFEST} (found "
-                            f"{', '.join(foreign[:3])}); refusing to overwrite it, expected an empty or new directory")
+            raise DataError(
+                f"synthetic corpus: {out} is not empty and has no {MANIFEST} (found "
+                f"{', '.join(foreign[:3])}); refusing to overwrite it, expected an empty or new directory"
+            )
 
     out.mkdir(parents=True, exist_ok=True)
     # The manifest goes first, marked incomplete, so a crash mid-way leaves a directory we
     # recognise as ours (and regenerate) instead of one that looks foreign.
-    _write_atomic(out / MANIFEST, _dump({**params, "complete": False}))
+    atomic_write(out / MANIFEST, _dump({**params, "complete": False}))
     files = {}
     for split, n in lines.items():
         data = "\n".join(_split_lines(random.Random(_split_seed(seed, split)), n)).encode("utf-8") + b"\n"
-        _write_atomic(out / SPLIT_FILES[split], data)
+        atomic_write(out / SPLIT_FILES[split], data)
         files[split] = {"name": SPLIT_FILES[split], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {**params, "complete": True, "files": files}
-    _write_atomic(out / MANIFEST, _dump(manifest))
+    atomic_write(out / MANIFEST, _dump(manifest))
     return manifest
 
 
 def _is_own(name: str) -> bool:
-    # Without a manifest even train.txt is someone else's (a real corpus): only temp files and caches are ours.
-    return name in _OWN_EXTRA or name.startswith(_TMP_PREFIX)
+    # Without a manifest even train.txt is someone else's (a real corpus): only caches and atomic_write's
+    # temp files (left by a crash) are ours.
+    return name in _OWN_EXTRA or name.startswith(TMP_PREFIX)
 
 
 def _read_manifest(out: Path) -> dict | None:
@@ -267,11 +298,15 @@ def _read_manifest(out: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DataError(f"synthetic corpus: {path} is unreadable ({exc.__class__.__name__}), expected JSON "
-                        "written by this generator; delete that directory to regenerate it") from None
+        raise DataError(
+            f"synthetic corpus: {path} is unreadable ({exc.__class__.__name__}), expected JSON "
+            "written by this generator; delete that directory to regenerate it"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR_NAME:
-        raise DataError(f"synthetic corpus: {path} was not written by {GENERATOR_NAME}; refusing to overwrite it, "
-                        "expected an empty or new directory")
+        raise DataError(
+            f"synthetic corpus: {path} was not written by {GENERATOR_NAME}; refusing to overwrite it, "
+            "expected an empty or new directory"
+        )
     return manifest
 
 

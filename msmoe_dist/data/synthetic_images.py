@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .images import ImageDataError
+from .errors import ImageDataError
 
 if TYPE_CHECKING:
     from msmoe_dist.config.schema import VisionConfig
@@ -38,8 +38,14 @@ GENERATOR_VERSION = 1
 META = "meta.json"
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes")
 COLOURS = {
-    "red": (220, 45, 45), "orange": (240, 145, 30), "yellow": (235, 220, 50), "green": (50, 185, 70),
-    "cyan": (50, 205, 215), "blue": (55, 95, 235), "purple": (150, 70, 220), "white": (240, 240, 240),
+    "red": (220, 45, 45),
+    "orange": (240, 145, 30),
+    "yellow": (235, 220, 50),
+    "green": (50, 185, 70),
+    "cyan": (50, 205, 215),
+    "blue": (55, 95, 235),
+    "purple": (150, 70, 220),
+    "white": (240, 240, 240),
 }
 MAX_CLASSES = len(SHAPES) * len(COLOURS)
 _SPLITS = ("train", "val")
@@ -49,21 +55,30 @@ _MIN_SIDE, _MAX_SIDE = 48, 96
 def class_names(num_classes: int) -> list[str]:
     """Folder names of the first ``num_classes`` classes, e.g. ``c00_red_circle``."""
     colours = list(COLOURS)
-    return [f"c{c:02d}_{colours[(7 * (c // len(SHAPES)) + c) % len(colours)]}_{SHAPES[c % len(SHAPES)]}"
-            for c in range(num_classes)]
+    return [
+        f"c{c:02d}_{colours[(7 * (c // len(SHAPES)) + c) % len(colours)]}_{SHAPES[c % len(SHAPES)]}"
+        for c in range(num_classes)
+    ]
 
 
 def _params(vcfg: VisionConfig) -> dict:
-    counts = {"synthetic_classes": (vcfg.synthetic_classes, 2, MAX_CLASSES),
-              "synthetic_train_per_class": (vcfg.synthetic_train_per_class, 1, None),
-              "synthetic_val_per_class": (vcfg.synthetic_val_per_class, 1, None)}
+    counts = {
+        "synthetic_classes": (vcfg.synthetic_classes, 2, MAX_CLASSES),
+        "synthetic_train_per_class": (vcfg.synthetic_train_per_class, 1, None),
+        "synthetic_val_per_class": (vcfg.synthetic_val_per_class, 1, None),
+    }
     for key, (value, low, high) in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
             expected = f"an integer in [{low}, {high}]" if high else f"an integer >= {low}"
             raise ImageDataError(f"vision.{key} must be {expected}, got {value!r}")
-    return {"generator": GENERATOR_NAME, "version": GENERATOR_VERSION, "seed": int(vcfg.synthetic_seed),
-            "classes": vcfg.synthetic_classes, "train_per_class": vcfg.synthetic_train_per_class,
-            "val_per_class": vcfg.synthetic_val_per_class}
+    return {
+        "generator": GENERATOR_NAME,
+        "version": GENERATOR_VERSION,
+        "seed": int(vcfg.synthetic_seed),
+        "classes": vcfg.synthetic_classes,
+        "train_per_class": vcfg.synthetic_train_per_class,
+        "val_per_class": vcfg.synthetic_val_per_class,
+    }
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -87,8 +102,20 @@ def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, angle: float, 
         draw.polygon(_rotated(corners, angle, cx, cy), fill=colour)
     elif shape == "cross":
         w = 0.3 * r
-        arms = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w),
-                (-w, -w)]
+        arms = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         draw.polygon(_rotated(arms, angle, cx, cy), fill=colour)
     elif shape == "stripes":
         a = 0.85 * r
@@ -155,8 +182,10 @@ def _state(out: Path, params: dict) -> str:
         meta = None
     if not isinstance(meta, dict) or meta.get("generator") != GENERATOR_NAME:
         found = ", ".join(sorted(p.name for p in out.iterdir())[:3])
-        raise ImageDataError(f"synthetic images: {out} is not empty and has no {META} written by {GENERATOR_NAME} "
-                             f"(found {found}); refusing to overwrite it, expected an empty or new directory")
+        raise ImageDataError(
+            f"synthetic images: {out} is not empty and has no {META} written by {GENERATOR_NAME} "
+            f"(found {found}); refusing to overwrite it, expected an empty or new directory"
+        )
     return "match" if {k: meta.get(k) for k in params} == params else "stale"
 
 
@@ -182,8 +211,10 @@ def ensure_synthetic_images(path, vcfg: VisionConfig) -> Path:
             os.rename(tmp, out)  # atomic; also replaces an empty directory
         except OSError as exc:
             if _state(out, params) != "match":  # else another process installed the same set first
-                raise ImageDataError(f"synthetic images: cannot move the generated set into {out} "
-                                     f"({exc.strerror or exc}); expected a new or empty directory") from None
+                raise ImageDataError(
+                    f"synthetic images: cannot move the generated set into {out} "
+                    f"({exc.strerror or exc}); expected a new or empty directory"
+                ) from None
     finally:
         for leftover in (tmp, old):
             if leftover is not None and leftover.exists():

@@ -64,8 +64,9 @@ def read_text_blocks(path, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: not valid UTF-8 text at byte {offset + exc.start}, "
-                                "expected WikiText-format text") from None
+                raise DataError(
+                    f"{path}: not valid UTF-8 text at byte {offset + exc.start}, expected WikiText-format text"
+                ) from None
             if "\r" in text:
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
             if not text.endswith("\n"):  # last line without a newline still ends a line (and gets <eos>)
@@ -222,12 +223,22 @@ class SentencePieceTokenizer(_TextEncoder):
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-                unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, unk_piece=UNK, eos_piece=EOS,
+                sentence_iterator=sentences(),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                unk_id=0,
+                eos_id=1,
+                bos_id=-1,
+                pad_id=-1,
+                unk_piece=UNK,
+                eos_piece=EOS,
                 normalization_rule_name="identity",  # the text is already tokenised; keep it byte for byte
                 hard_vocab_limit=False,  # a small corpus may hold fewer pieces than asked for
-                input_sentence_size=SP_MAX_TRAIN_LINES, shuffle_input_sentence=True,
-                num_threads=max(1, min(os.cpu_count() or 1, 8)), minloglevel=2,
+                input_sentence_size=SP_MAX_TRAIN_LINES,
+                shuffle_input_sentence=True,
+                num_threads=max(1, min(os.cpu_count() or 1, 8)),
+                minloglevel=2,
             )
         except RuntimeError as exc:
             raise DataError(f"sentencepiece training on {train_file} failed: {' '.join(str(exc).split())}") from None
@@ -276,8 +287,7 @@ class SentencePieceTokenizer(_TextEncoder):
         return np.asarray(out, dtype=np.int64)
 
 
-def train_tokenizer(kind: str, train_file, sp_vocab_size: int = 32000, sp_model_type: str = "unigram",
-                    progress=None):
+def train_tokenizer(kind: str, train_file, sp_vocab_size: int = 32000, sp_model_type: str = "unigram", progress=None):
     """A WordTokenizer or SentencePieceTokenizer built from ``train_file`` (the train split)."""
     if kind == "word":
         return WordTokenizer.train(train_file, progress)
@@ -289,6 +299,9 @@ def train_tokenizer(kind: str, train_file, sp_vocab_size: int = 32000, sp_model_
 def tokenizer_settings(data_cfg) -> dict:
     """The settings a DataConfig asks for, in the form ``Tokenizer.settings()`` reports them."""
     if data_cfg.tokenizer == "sentencepiece":
-        return {"kind": "sentencepiece", "sp_vocab_size": data_cfg.sp_vocab_size,
-                "sp_model_type": data_cfg.sp_model_type}
+        return {
+            "kind": "sentencepiece",
+            "sp_vocab_size": data_cfg.sp_vocab_size,
+            "sp_model_type": data_cfg.sp_model_type,
+        }
     return {"kind": data_cfg.tokenizer}

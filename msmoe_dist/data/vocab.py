@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from msmoe_dist.io import atomic_write
 
 from .errors import DataError
 
@@ -120,18 +120,15 @@ class Vocab:
         return self._sha256
 
     def save(self, path) -> None:
-        """Write as JSON (tokens in id order) via a temp file and os.replace, so it is never half-written."""
-        path = Path(path)
-        data = {"format": _FORMAT, "version": _FORMAT_VERSION, "size": len(self), "sha256": self.sha256(),
-                "tokens": self.itos}
-        tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        try:
-            with open(tmp, "x", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False, indent=0)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        """Write as JSON (tokens in id order), atomically, so it is never half-written."""
+        data = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "size": len(self),
+            "sha256": self.sha256(),
+            "tokens": self.itos,
+        }
+        atomic_write(path, json.dumps(data, ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path) -> Vocab:
@@ -140,11 +137,13 @@ class Vocab:
         except FileNotFoundError:
             raise DataError(f"vocabulary file {path} not found, expected a file written by Vocab.save") from None
         except (OSError, ValueError) as exc:
-            raise DataError(f"vocabulary file {path} is unreadable ({exc.__class__.__name__}), "
-                            "expected JSON written by Vocab.save") from None
+            raise DataError(
+                f"vocabulary file {path} is unreadable ({exc.__class__.__name__}), expected JSON written by Vocab.save"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("tokens"), list):
-            raise DataError(f"vocabulary file {path} is not in the {_FORMAT} format, "
-                            "expected a file written by Vocab.save")
+            raise DataError(
+                f"vocabulary file {path} is not in the {_FORMAT} format, expected a file written by Vocab.save"
+            )
         vocab = cls(data["tokens"])
         if data.get("sha256") not in (None, vocab.sha256()):
             raise DataError(f"vocabulary file {path} fails its sha256 check, expected an unmodified Vocab.save file")

@@ -24,8 +24,10 @@ def apply_rotary(x_BHSDh: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, dropout: float, rotary: bool, causal: bool = True):
+class SelfAttention(nn.Module):
+    """causal=True: each position attends to itself and earlier ones (the LM); False: to all (ViT)."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float, rotary: bool, causal: bool):
         super().__init__()
         self.causal = causal
         self.num_heads = num_heads

@@ -14,16 +14,12 @@ Legend: B batch, S sequence, D model dim.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from msmoe_dist.config.schema import ModelConfig, MoEConfig
-from msmoe_dist.models.attention import CausalSelfAttention
-from msmoe_dist.moe import MoELayer
+from msmoe_dist.models.attention import SelfAttention
+from msmoe_dist.moe import ACTIVATIONS, Dispatcher, MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
-
-
-ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
 
 
 class DenseFFN(nn.Module):
@@ -39,18 +35,21 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_index: int | None, dispatcher=None,
-                 vocab_size: int | None = None, causal: bool = True, dense_activation: str = "relu"):
+    """moe_layer_index: this block's position among the model's MoE layers (the momentum rule's layer
+    index), or None for a dense block."""
+
+    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_layer_index: int | None,
+                 vocab_size: int | None = None, causal: bool = True, dense_activation: str = "relu", *,
+                 dispatcher: Dispatcher | None = None):  # transitional: see MoELanguageModel
         super().__init__()
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
-        self.moe_index = moe_index
-        self.attn = CausalSelfAttention(d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary",
-                                        causal=causal)
+        self.moe_layer_index = moe_layer_index
+        self.attn = SelfAttention(d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary", causal=causal)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
         self.drop = nn.Dropout(mcfg.dropout)
-        if moe_index is None:
+        if moe_layer_index is None:
             self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout, dense_activation)
         else:
             self.moe = MoELayer(d, moe_cfg, dispatcher=dispatcher, init_std=mcfg.init_std, vocab_size=vocab_size)
@@ -59,7 +58,7 @@ class Block(nn.Module):
 
     @property
     def is_moe(self) -> bool:
-        return self.moe_index is not None
+        return self.moe_layer_index is not None
 
     def forward(self, x: Tensor, state: MomentumState, momentum: MomentumUpdate, collect_stats: bool = False,
                 token_ids: Tensor | None = None):
@@ -76,16 +75,16 @@ class Block(nn.Module):
         y = momentum.lookahead(x, state)
         moe_out = self.moe(self.norm2(y) if self.pre_ln else y, collect_stats=collect_stats, token_ids=token_ids)
         u = self.drop(moe_out.out)
-        d, state = momentum(u, state, self.moe_index)
+        d, state = momentum(u, state, self.moe_layer_index)
         if self.pre_ln:
             x = x + d
-        elif momentum.is_adam_layer(self.moe_index):
+        elif momentum.is_adam_layer(self.moe_layer_index):
             x = self.norm2(x + self.moe_norm(d))
         else:
             x = self.norm2(x + self.moe_norm(x + d))
         stats = None
         if collect_stats:
             stats = {"moe": moe_out.stats}
-            if state.p is not None:
+            if state.p is not None:  # float(): a device-to-host sync, only when statistics are asked for
                 stats["momentum_norm"] = float(state.p.detach().float().norm(dim=-1).mean())
         return x, state, moe_out.aux_loss, stats

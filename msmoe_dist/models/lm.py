@@ -10,14 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from msmoe_dist.config.moe_placement import lm_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models.blocks import Block
-from msmoe_dist.models.layouts import lm_moe_blocks
 from msmoe_dist.models.output import build_head, output_logits, output_loss
+from msmoe_dist.moe import Dispatcher, MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
-
-
-moe_block_indices = lm_moe_blocks  # the name the rest of the code base uses
 
 
 @dataclass(frozen=True)
@@ -35,8 +33,12 @@ class MoELanguageModel(nn.Module):
         moe_cfg: MoEConfig,
         mom_cfg: MomentumConfig,
         vocab_size: int,
-        dispatcher=None,
+        *,
+        dispatcher: Dispatcher | None = None,
     ):
+        """Built on one device with every expert; expert parallelism is applied afterwards
+        (msmoe_dist.parallel.apply_expert_parallel). ``dispatcher`` is transitional, for the DeepSpeed
+        engine until it builds once and calls apply_expert_parallel: do not use it in new code."""
         super().__init__()
         self.vocab_size = vocab_size
         self.max_seq_len = mcfg.max_seq_len
@@ -44,7 +46,7 @@ class MoELanguageModel(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, d)
         self.pos_emb = nn.Embedding(mcfg.max_seq_len, d) if mcfg.position == "learned" else None
         self.emb_drop = nn.Dropout(mcfg.dropout)
-        moe_blocks = set(moe_block_indices(mcfg.num_layers, mcfg.layout))
+        moe_blocks = set(lm_moe_blocks(mcfg.num_layers, mcfg.layout))
         blocks, n_moe = [], 0
         for i in range(mcfg.num_layers):
             idx = None
@@ -75,12 +77,15 @@ class MoELanguageModel(nn.Module):
     def num_moe_layers(self) -> int:
         return self.momentum.num_moe_layers
 
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, in block order."""
+        return [block.moe for block in self.blocks if block.is_moe]
+
     def set_step(self, step: int) -> None:
-        """Tells step-dependent parts (StableMoE's two stages) the 0-based optimiser step about to be taken;
+        """Tells the MoE layers (StableMoE's two stages) the 0-based optimiser step about to be taken;
         the trainer calls it before every step. Evaluation behaves as the last step set."""
-        for mod in self.modules():
-            if mod is not self and callable(getattr(mod, "set_step", None)):
-                mod.set_step(step)
+        for layer in self.moe_layers():
+            layer.set_step(step)
 
     def forward(
         self,

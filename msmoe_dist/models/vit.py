@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msmoe_dist.config.moe_placement import vit_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig, VisionConfig
 from msmoe_dist.models.blocks import Block
-from msmoe_dist.models.layouts import vit_moe_blocks
+from msmoe_dist.moe import Dispatcher, MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -41,8 +42,11 @@ def classification_loss(logits_BK: Tensor, targets: Tensor, reduction: str = "me
 
 
 class VisionMoE(nn.Module):
-    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, mom_cfg: MomentumConfig, vcfg: VisionConfig,
-                 dispatcher=None):
+    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, mom_cfg: MomentumConfig, vcfg: VisionConfig, *,
+                 dispatcher: Dispatcher | None = None):
+        """Built on one device with every expert; expert parallelism is applied afterwards
+        (msmoe_dist.parallel.apply_expert_parallel). ``dispatcher`` is transitional, for train/'s
+        build_model until it stops passing one: do not use it in new code."""
         super().__init__()
         d, p = mcfg.d_model, vcfg.patch_size
         self.image_size, self.num_classes = vcfg.image_size, vcfg.num_classes
@@ -79,8 +83,14 @@ class VisionMoE(nn.Module):
     def num_moe_layers(self) -> int:
         return self.momentum.num_moe_layers
 
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, in block order."""
+        return [block.moe for block in self.blocks if block.is_moe]
+
     def set_step(self, step: int) -> None:
-        """Same interface as the language model (nothing in V-MoE depends on the step)."""
+        """As the language model's: tells the MoE layers the 0-based optimiser step about to be taken."""
+        for layer in self.moe_layers():
+            layer.set_step(step)
 
     def forward(self, images_BCHW: Tensor, targets: Tensor | None = None, collect_stats: bool = False,
                 reduction: str = "mean") -> VisionOutput:

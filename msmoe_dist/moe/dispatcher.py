@@ -6,12 +6,18 @@ then by token: exactly the capacity priority), R routed (kept) rows, sorted by e
 
 The steps are separate pure functions - sort/count, capacity, permute, unpermute - so that
 the expert-parallel dispatcher can put its all-to-alls between them and reuse the rest.
+
+`Dispatcher` is the seam between the MoE layer and token movement. Its two implementations are
+`LocalDispatcher` (here: one process, the obviously correct reference) and the expert-parallel
+`msmoe_dist.parallel.all_to_all.AllToAllDispatcher`, which parallelism swaps in after the model is
+built (`msmoe_dist.parallel.expert_parallel.apply_expert_parallel`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -30,6 +36,43 @@ class DispatchState:
     routed_per_expert: tuple[int, ...]  # assignments per expert before capacity drops
     num_dropped: int
     kept_TK: Tensor | None  # bool [T, K]: which assignments survived capacity; None = all (dropless)
+
+
+@dataclass(frozen=True)
+class Combined:
+    """What combine hands back to the layer."""
+
+    out_TD: Tensor  # this rank's tokens: the weighted sum of their experts' rows (0 if all were dropped)
+    home_rows_RD: Tensor  # the expert output of each of this rank's routed rows, in `home` order (for stats)
+    home: DispatchState  # the local permutation of this rank's tokens
+
+
+StateT = TypeVar("StateT")
+
+
+@runtime_checkable
+class Dispatcher(Protocol[StateT]):
+    """Moves routed token rows to the experts that own them and back.
+
+    The layer calls, in this order: ``capacity`` (once per forward), ``dispatch``, its experts on the
+    rows, ``combine``. ``StateT`` is whatever dispatch must hand to combine (a frozen value).
+    """
+
+    num_local_experts: int  # experts whose rows dispatch returns: the layer holds exactly these
+
+    def capacity(self, factor: float, num_tokens: int, top_k: int, device: torch.device) -> int | None:
+        """Rows each expert keeps for this forward, or None (dropless) when factor <= 0. The one owner of
+        capacity: an expert-parallel dispatcher agrees on it across its group (a collective)."""
+        ...
+
+    def dispatch(self, x_TD: Tensor, routing: Routing, capacity: int | None) -> tuple[Tensor, list[int], StateT]:
+        """(x_RD rows for the local experts, contiguous per local expert; rows per local expert; state).
+        ``capacity`` must come from ``self.capacity`` for the same forward."""
+        ...
+
+    def combine(self, y_RD: Tensor, state: StateT) -> Combined:
+        """The experts' output rows (same layout as dispatch's x_RD) back to this rank's tokens."""
+        ...
 
 
 def sort_by_expert(experts_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,24 +142,26 @@ def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_exp
 
 
 class LocalDispatcher:
-    """Dispatch for a single process (no expert parallelism, no process group needed)."""
+    """Dispatch for a single process (no expert parallelism, no process group needed): a Dispatcher."""
 
-    def __init__(self, num_experts: int | None = None):
-        # None: take E from the routing's probabilities.
+    def __init__(self, num_experts: int):
         self.num_experts = num_experts
+        self.num_local_experts = num_experts
+
+    def capacity(self, factor: float, num_tokens: int, top_k: int, device: torch.device) -> int | None:
+        return expert_capacity(factor, num_tokens, top_k, self.num_experts)
 
     def dispatch(self, x_TD: Tensor, routing: Routing, capacity: int | None) -> tuple[Tensor, list[int], DispatchState]:
         T, K = routing.experts_TK.shape
-        E = self.num_experts or routing.probs_TE.shape[1]
-        assignment_A, sorted_experts_A, counts_E = sort_by_expert(routing.experts_TK, E)
-        routed = tuple(counts_E.tolist())
+        assignment_A, sorted_experts_A, counts_E = sort_by_expert(routing.experts_TK, self.num_experts)
+        routed = tuple(counts_E.tolist())  # device-to-host sync: the experts' row splits are host integers
         kept_TK = None
         if capacity is not None and max(routed, default=0) > capacity:
             keep_A = capacity_keep(sorted_experts_A, counts_E, capacity)
             kept_flat = torch.zeros(T * K, dtype=torch.bool, device=keep_A.device)
             kept_flat[assignment_A] = keep_A
             kept_TK = kept_flat.view(K, T).t()
-            assignment_A = assignment_A[keep_A]
+            assignment_A = assignment_A[keep_A]  # boolean mask: a device-to-host sync (the output size)
             kept = tuple(min(n, capacity) for n in routed)
         else:
             kept = routed
@@ -133,5 +178,5 @@ class LocalDispatcher:
         )
         return permute(x_TD, token_R), list(kept), state
 
-    def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
-        return unpermute(y_RD, state.token_R, state.weight_R, state.num_tokens)
+    def combine(self, y_RD: Tensor, state: DispatchState) -> Combined:
+        return Combined(unpermute(y_RD, state.token_R, state.weight_R, state.num_tokens), y_RD, state)

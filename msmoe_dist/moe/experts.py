@@ -3,18 +3,41 @@
 Legend: R routed rows (sorted by expert, contiguous per expert), D model dim, F ffn dim,
 E experts held by this module (the local experts of one rank under expert parallelism).
   x_RD / y_RD   rows in and out      h_RF   hidden pre-activation   a_RF   after activation
+
+Expert parameters are a different kind of parameter everywhere (sharded over the expert-parallel
+group, their gradients averaged over the expert-data-parallel group only, their own optimiser
+groups), so they carry a tag from the moment they are created; `is_expert_param` reads it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+# The experts' and the dense FFN's activations (models/blocks.py uses these too).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+_EXPERT_TAG = "is_expert"  # attribute set on every expert Parameter
+
+
+def _expert_parameter(data: Tensor) -> nn.Parameter:
+    p = nn.Parameter(data)
+    setattr(p, _EXPERT_TAG, True)
+    return p
+
+
+def is_expert_param(p: Tensor) -> bool:
+    """True for the parameters of an `Experts` module (tagged where they are created).
+
+    The tag lives on the Parameter object: it survives `.to()` and `load_state_dict` (which keep the
+    object), not `copy.deepcopy` (torch rebuilds the Parameter). For state-dict keys (tensors without
+    the object, e.g. read from a checkpoint file) use `msmoe_dist.parallel.is_expert_key`.
+    """
+    return getattr(p, _EXPERT_TAG, False) is True
 
 
 def _act_backward_(activation: str, grad_a: Tensor, saved: Tensor) -> Tensor:
@@ -91,17 +114,17 @@ class _SplitFFN(torch.autograd.Function):
             if t == s:
                 continue
             g = grad_y_RD[s:t]
-            if need_w2:
+            if gw2 is not None:
                 torch.mm(a_RF[s:t].t(), g, out=gw2[e])
-            if need_b2:
+            if gb2 is not None:
                 torch.sum(g, dim=0, out=gb2[e])
             ga = torch.mm(g, w2[e].t(), out=grad_a[: t - s])
             gh = _act_backward_(activation, ga, saved[s:t])
-            if need_w1:
+            if gw1 is not None:
                 torch.mm(x_RD[s:t].t(), gh, out=gw1[e])
-            if need_b1:
+            if gb1 is not None:
                 torch.sum(gh, dim=0, out=gb1[e])
-            if need_x:
+            if gx is not None:
                 torch.mm(gh, w1[e].t(), out=gx[s:t])
         return gx, gw1, gb1, gw2, gb2, None, None
 
@@ -132,7 +155,7 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype, d_model: int, ffn
     means the split path is used.
     """
     key = (device.type, dtype, d_model, ffn_dim)
-    if key not in _GROUPED_MM_OK:
+    if key not in _GROUPED_MM_OK:  # a small forward/backward and a device-to-host sync, once per key
         ok = False
         if hasattr(torch, "_grouped_mm"):
             try:
@@ -144,8 +167,10 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype, d_model: int, ffn
                 y.backward(torch.ones_like(y))
                 ref = torch.cat([x[:8] @ w[0], x[8:] @ w[2]])
                 tol = 1e-2 * math.sqrt(d_model) if dtype != torch.float32 else 1e-3
-                ok = torch.allclose(y.float(), ref.float(), atol=tol, rtol=1e-2) and bool(
-                    (w.grad[1] == 0).all()
+                ok = (
+                    torch.allclose(y.float(), ref.float(), atol=tol, rtol=1e-2)
+                    and w.grad is not None
+                    and bool((w.grad[1] == 0).all())
                 )
             except Exception:  # noqa: BLE001 - any failure means "not usable here"
                 ok = False
@@ -169,11 +194,28 @@ class Experts(nn.Module):
         self.d_model = d_model
         self.ffn_dim = ffn_dim
         self.activation = activation
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim))
-        self.b1 = nn.Parameter(torch.empty(num_experts, ffn_dim))
-        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))
-        self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
+        # Every tensor has the expert index as its leading dim: sharding is a slice along dim 0.
+        self.w1 = _expert_parameter(torch.empty(num_experts, d_model, ffn_dim))
+        self.b1 = _expert_parameter(torch.empty(num_experts, ffn_dim))
+        self.w2 = _expert_parameter(torch.empty(num_experts, ffn_dim, d_model))
+        self.b2 = _expert_parameter(torch.empty(num_experts, d_model))
         self.reset_parameters(init_std)
+
+    @torch.no_grad()
+    def keep_experts(self, experts: range) -> None:
+        """Keep only `experts` (indices into this module's experts, step 1), as new tagged Parameters.
+
+        For expert parallelism, before any optimiser holds the old tensors. The module object stays
+        the same, so whoever holds it (or one of its bound methods) sees the slice.
+        """
+        if experts.step != 1 or not 0 <= experts.start < experts.stop <= self.num_experts:
+            raise ValueError(f"cannot keep experts {experts} of {self.num_experts}")
+        for name in ("w1", "b1", "w2", "b2"):
+            old = getattr(self, name)
+            new = _expert_parameter(old.detach()[experts.start:experts.stop].clone())
+            new.requires_grad_(old.requires_grad)
+            setattr(self, name, new)
+        self.num_experts = len(experts)
 
     def reset_parameters(self, init_std: float = 0.02) -> None:
         nn.init.normal_(self.w1, std=init_std)
@@ -189,7 +231,7 @@ class Experts(nn.Module):
         dtype = x_RD.dtype
         if torch.is_autocast_enabled(x_RD.device.type):
             dtype = torch.get_autocast_dtype(x_RD.device.type)
-        return tuple(t.to(dtype) for t in (x_RD, self.w1, self.b1, self.w2, self.b2))
+        return x_RD.to(dtype), self.w1.to(dtype), self.b1.to(dtype), self.w2.to(dtype), self.b2.to(dtype)
 
     def _check(self, x_RD: Tensor, tokens_per_expert: Sequence[int]) -> tuple[int, ...]:
         counts = tuple(int(n) for n in tokens_per_expert)
@@ -210,8 +252,10 @@ class Experts(nn.Module):
     def _forward_grouped_mm(self, x, w1, b1, w2, b2, counts: tuple[int, ...]) -> Tensor:
         counts_E = torch.tensor(counts, device=x.device)
         offs = counts_E.cumsum(0).to(torch.int32)
-        # Per-row biases: a gather of E bias rows, cheap next to the GEMMs.
-        expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E)
+        # Per-row biases: a gather of E bias rows, cheap next to the GEMMs. output_size: the row count
+        # is known on the host, so repeat_interleave need not sync with the device to learn it.
+        expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E,
+                                           output_size=x.shape[0])
         h = torch._grouped_mm(x, w1, offs=offs) + b1[expert_R]
         a = ACTIVATIONS[self.activation](h)
         return _ContiguousGrad.apply(torch._grouped_mm(a, w2, offs=offs)) + b2[expert_R]

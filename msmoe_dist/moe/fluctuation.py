@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -178,6 +178,7 @@ class FluctuationRecorder:
 
         routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
         seen: list[list[Tensor]] = [[] for _ in routers]
+        # The hooks copy each batch's assignments to the host: a device-to-host sync per router call.
         hooks = [r.register_forward_hook(lambda _m, _i, out, i=i: seen[i].append(out.experts_TK[:, 0].cpu()))
                  for i, r in enumerate(routers)]
         param = next(model.parameters())

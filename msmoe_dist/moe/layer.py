@@ -2,22 +2,33 @@
 
 Legend: T tokens (all leading dims of the input flattened), D model dim, E experts,
 K top-k, R routed rows (sorted by expert).
+
+Three collaborators behind narrow interfaces, none of which the layer inspects:
+  router      a `MoERouter` (moe/router.py): the top-k `Router` or the `StableMoERouter`
+  dispatcher  a `Dispatcher` (moe/dispatcher.py): `LocalDispatcher` until expert parallelism
+              swaps in the all-to-all one (`shard_experts`, called by parallel/expert_parallel.py)
+  experts     the `Experts` bank of the experts this process holds
+The dispatcher owns the capacity (an expert-parallel group agrees on one) and the way back
+(`Combined`), so the layer's forward is the same sequence of calls on one process and under EP.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from msmoe_dist.config.schema import MoEConfig
-from msmoe_dist.moe.dispatcher import LocalDispatcher, expert_capacity
+from msmoe_dist.moe.dispatcher import Dispatcher, LocalDispatcher
 from msmoe_dist.moe.experts import Experts
 from msmoe_dist.moe.router import Router
 from msmoe_dist.moe.stablemoe import StableMoERouter
 from msmoe_dist.moe.stats import MoEStats, compute_stats
+
+if TYPE_CHECKING:  # the config package imports models, which import this package
+    from msmoe_dist.config.schema import MoEConfig
 
 
 @dataclass(frozen=True)
@@ -27,25 +38,56 @@ class MoEOutput:
     stats: MoEStats | None
 
 
+def build_router(
+    d_model: int, cfg: MoEConfig, init_std: float = 0.02, vocab_size: int | None = None
+) -> Router | StableMoERouter:
+    """The router that moe.router names (each is a MoERouter); vocab_size: StableMoE's distilled router
+    embeds token ids."""
+    if cfg.router == "stablemoe":
+        return StableMoERouter(d_model, cfg, vocab_size)
+    if cfg.router == "topk":
+        router = Router(d_model, cfg)
+        router.reset_parameters(init_std)
+        return router
+    raise ValueError(f"unknown router {cfg.router!r}")
+
+
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher=None, init_std: float = 0.02,
+    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher: Dispatcher | None = None, init_std: float = 0.02,
                  vocab_size: int | None = None):
         super().__init__()
         if cfg.expert_impl not in ("grouped", "loop"):
             raise ValueError(f"unknown expert_impl {cfg.expert_impl!r}")
         self.d_model = d_model
         self.cfg = cfg
-        if cfg.router == "stablemoe":  # vocab_size: its distilled router embeds token ids
-            self.router = StableMoERouter(d_model, cfg, vocab_size)
-        elif cfg.router == "topk":
-            self.router = Router(d_model, cfg)
-            self.router.reset_parameters(init_std)
-        else:
-            raise ValueError(f"unknown router {cfg.router!r}")
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
-        # An expert-parallel dispatcher owns only some experts; it says how many.
-        num_local = getattr(self.dispatcher, "num_local_experts", cfg.num_experts)
-        self.experts = Experts(num_local, d_model, cfg.expert_ffn_dim, cfg.activation, init_std)
+        self.router = build_router(d_model, cfg, init_std, vocab_size)
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
+        self.experts = Experts(self.dispatcher.num_local_experts, d_model, cfg.expert_ffn_dim, cfg.activation,
+                               init_std)
+        # Chosen once: the fast path, or the per-expert loop kept as the obviously correct reference.
+        # Bound to the Experts object, which shard_experts slices in place.
+        self._run_experts = self.experts.forward_loop if cfg.expert_impl == "loop" else self.experts.__call__
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts this process holds: all of them, or this rank's share under expert parallelism."""
+        return self.experts.num_experts
+
+    def shard_experts(self, experts: range, dispatcher: Dispatcher) -> None:
+        """Expert parallelism: keep only `experts` (global ids, contiguous) and move tokens with
+        `dispatcher`, which must deliver rows for exactly those experts. Once, before an optimiser exists."""
+        if self.experts.num_experts != self.cfg.num_experts:
+            raise RuntimeError(f"the experts are already sharded ({self.experts.num_experts} of "
+                               f"{self.cfg.num_experts} held)")
+        if len(experts) != dispatcher.num_local_experts:
+            raise ValueError(f"keeping {len(experts)} experts but the dispatcher delivers rows for "
+                             f"{dispatcher.num_local_experts}")
+        self.experts.keep_experts(experts)
+        self.dispatcher = dispatcher
+
+    def set_step(self, step: int) -> None:
+        """The 0-based optimiser step about to be taken (StableMoE's stage depends on it)."""
+        self.router.set_step(step)
 
     @property
     def capacity_factor(self) -> float:
@@ -59,10 +101,7 @@ class MoELayer(nn.Module):
         if x.shape[-1] != self.d_model:
             raise ValueError(f"expected last dim {self.d_model}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.d_model)
-        if isinstance(self.router, StableMoERouter):
-            routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        else:
-            routing = self.router(x_TD)
+        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
 
         # Cast before the gather, not after: under autocast the experts compute in the low
         # precision anyway, and this moves T rows instead of T*K (and halves what crosses
@@ -72,21 +111,10 @@ class MoELayer(nn.Module):
             x_in_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         combine_routing = dataclasses.replace(routing, weights_TK=routing.weights_TK.to(x.dtype))
 
-        capacity = expert_capacity(self.capacity_factor, x_TD.shape[0], self.cfg.top_k, self.cfg.num_experts)
+        capacity = self.dispatcher.capacity(self.capacity_factor, x_TD.shape[0], self.cfg.top_k, x_TD.device)
         x_RD, tokens_per_expert, state = self.dispatcher.dispatch(x_in_TD, combine_routing, capacity)
-        if self.cfg.expert_impl == "grouped":
-            y_RD = self.experts(x_RD, tokens_per_expert)
-        else:
-            y_RD = self.experts.forward_loop(x_RD, tokens_per_expert)
-        stats = None
-        combine_rows = getattr(self.dispatcher, "combine_rows", None)
-        if collect_stats and combine_rows is not None:
-            # Expert parallel: y_RD holds other ranks' tokens; statistics describe this rank's
-            # tokens, so take the rows after they came home.
-            out_TD, y_home_RD = combine_rows(y_RD, state)
-            stats = compute_stats(routing, state.home, y_home_RD)
-        else:
-            out_TD = self.dispatcher.combine(y_RD, state)
-            if collect_stats:
-                stats = compute_stats(routing, state, y_RD)
-        return MoEOutput(out=out_TD.to(x.dtype).view(x.shape), aux_loss=routing.aux_loss, stats=stats)
+        y_RD = self._run_experts(x_RD, tokens_per_expert)
+        combined = self.dispatcher.combine(y_RD, state)
+        # Statistics describe this rank's tokens: under EP, the rows after they came home.
+        stats = compute_stats(routing, combined.home, combined.home_rows_RD) if collect_stats else None
+        return MoEOutput(out=combined.out_TD.to(x.dtype).view(x.shape), aux_loss=routing.aux_loss, stats=stats)

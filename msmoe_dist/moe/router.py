@@ -8,12 +8,15 @@ Legend: T tokens, D model dim, E experts, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msmoe_dist.config.schema import MoEConfig
+if TYPE_CHECKING:  # the config package imports models, which import this package
+    from msmoe_dist.config.schema import MoEConfig
+
 
 GATES = ("topk_softmax", "softmax_topk")
 
@@ -82,7 +85,24 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
+class MoERouter(Protocol):
+    """What the MoE layer needs from a router: this top-k `Router` or `StableMoERouter`."""
+
+    num_experts: int
+    top_k: int
+
+    def __call__(self, x_TD: Tensor, token_T: Tensor | None = None) -> Routing:
+        """Routing of the T tokens; ``token_T``: their input ids (only routers that route by id read them)."""
+        ...
+
+    def set_step(self, step: int) -> None:
+        """The 0-based optimiser step about to be taken (routers whose behaviour depends on it)."""
+        ...
+
+
 class Router(nn.Module):
+    """The linear top-k router: a MoERouter."""
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         if cfg.gate not in GATES:
@@ -104,7 +124,11 @@ class Router(nn.Module):
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std)
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def set_step(self, step: int) -> None:
+        """Nothing in top-k routing depends on the step."""
+
+    def forward(self, x_TD: Tensor, token_T: Tensor | None = None) -> Routing:
+        """``token_T`` is accepted for the common router signature and not read."""
         # Routing decisions flip on tiny logit differences, and bf16 has 8 mantissa bits:
         # the gate always runs in fp32, whatever autocast says.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):

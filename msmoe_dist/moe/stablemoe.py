@@ -39,13 +39,16 @@ spec and evaluate what is being trained.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msmoe_dist.config.schema import MoEConfig
 from msmoe_dist.moe.router import Routing
+
+if TYPE_CHECKING:  # the config package imports models, which import this package
+    from msmoe_dist.config.schema import MoEConfig
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,11 @@ def stage_of(step: int, switch_step: int) -> int:
 
 
 class StableMoERouter(nn.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, vocab_size: int):
+    """StableMoE's two-stage router: a MoERouter (msmoe_dist.moe.router)."""
+
+    frozen_V: Tensor  # a buffer (registered in __init__)
+
+    def __init__(self, d_model: int, cfg: MoEConfig, vocab_size: int | None):
         super().__init__()
         if cfg.top_k != 1:
             raise ValueError(f"the StableMoE router routes top-1; got top_k={cfg.top_k}")
@@ -157,6 +164,7 @@ class StableMoERouter(nn.Module):
                     balance = stable_balance_loss(scores_TE, expert_T)
                     aux = aux + self.balance_coef * balance
                 if self.distill_coef:
+                    assert token_T is not None  # needs_tokens above
                     # The target is the backbone's assignment, an integer: no gradient reaches the backbone.
                     distill = F.cross_entropy(self.distill_scores(token_T), expert_T)
                     aux = aux + self.distill_coef * distill

@@ -39,7 +39,10 @@ class MoEStats:
 
 @torch.no_grad()
 def compute_stats(routing: Routing, state: DispatchState, y_RD: Tensor) -> MoEStats:
-    """Statistics of one forward: ``y_RD`` is the experts' output (before the combine weights)."""
+    """Statistics of one forward: ``y_RD`` is the experts' output (before the combine weights).
+
+    Device-to-host syncs (the `.item()`s): only when statistics are asked for.
+    """
     routed = [int(n) for n in state.routed_per_expert]
     kept = [int(n) for n in state.tokens_per_expert]
     assignments = routing.experts_TK.numel()

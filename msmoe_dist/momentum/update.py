@@ -33,11 +33,14 @@ Shapes: x, u, p, m, v are all [..., D] with the hidden state's shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from msmoe_dist.config.schema import MomentumConfig
+if TYPE_CHECKING:  # the config package imports models, which import this package
+    from msmoe_dist.config.schema import MomentumConfig
+
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Expert parallelism: rank layout, process groups, all-to-all dispatch, expert sharding."""
 
 from msmoe_dist.parallel.all_to_all import AllToAllDispatcher, all_to_all  # noqa: F401
+from msmoe_dist.parallel.comm_stats import CollectiveTotals, CommStats  # noqa: F401
+from msmoe_dist.parallel.expert_parallel import apply_expert_parallel  # noqa: F401
 from msmoe_dist.parallel.groups import (  # noqa: F401
     ProcessGroups,
     build_process_groups,

@@ -1,4 +1,4 @@
-"""Expert-parallel token dispatch by all-to-all, with the LocalDispatcher's interface.
+"""Expert-parallel token dispatch by all-to-all: a `Dispatcher` (msmoe_dist.moe.dispatcher) like LocalDispatcher.
 
 Legend: T tokens on this rank, D model dim, E experts in total, L = E / P local experts,
 P ranks in the expert-parallel (EP) group, C capacity per (source rank, expert).
@@ -14,62 +14,65 @@ Row layouts (dropless):
   experts [R_recv, D]  by local expert, then source rank       (contiguous per local expert)
 Capacity mode pads every (source rank, expert) slot to exactly C rows, so both all-to-alls have
 fixed, equal splits and no counts need to be exchanged; padded rows are zeros and are dropped
-again on the way home.
+again on the way home. C itself is agreed first, by an all-reduce (max) over the EP group in `capacity`.
+
+Every collective is named (its failure says which) and, when the dispatcher was given a `CommStats`,
+measured under that name.
 """
 
 from __future__ import annotations
 
-import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from msmoe_dist.moe.dispatcher import DispatchState, LocalDispatcher, permute, unpermute
+from msmoe_dist.moe.dispatcher import Combined, DispatchState, LocalDispatcher, expert_capacity, unpermute
 from msmoe_dist.moe.router import Routing
 from msmoe_dist.parallel.collectives import named_collective
+from msmoe_dist.parallel.comm_stats import CommStats
+
+# The collectives' names: in error messages and as CommStats keys.
+TOKENS_FORWARD = "all_to_all (MoE token exchange, forward)"
+TOKENS_BACKWARD = "all_to_all (MoE token exchange, backward)"
+COUNTS = "all_to_all (MoE token counts)"
+CAPACITY = "all_reduce (MoE capacity)"
 
 
-class CommTimer:
-    """Wall time spent inside the MoE all-to-alls of this process (forward and backward), for the
-    benchmarks' 'all-to-all share of step time'. Reset it, run steps, read `.seconds`."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def reset(self) -> None:
-        self.seconds = 0.0
+@contextmanager
+def _collective(name: str, comm: CommStats | None, nbytes: int):
+    """A named collective (its failure names it), timed into `comm` when one is given."""
+    with named_collective(name), (comm.timed(name, nbytes) if comm is not None else nullcontext()):
+        yield
 
 
-COMM_TIMER = CommTimer()
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with autograd: the backward is the reverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+    def forward(ctx, x, out_splits, in_splits, group, comm):
+        ctx.group, ctx.out_splits, ctx.in_splits, ctx.comm = group, out_splits, in_splits, comm
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        t0 = time.perf_counter()
-        with named_collective("all_to_all (MoE token exchange, forward)"):
+        with _collective(TOKENS_FORWARD, comm, _nbytes(x)):
             dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        COMM_TIMER.seconds += time.perf_counter() - t0
         return out
 
     @staticmethod
     def backward(ctx, grad):
         back = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
-        t0 = time.perf_counter()
-        with named_collective("all_to_all (MoE token exchange, backward)"):
+        with _collective(TOKENS_BACKWARD, ctx.comm, _nbytes(grad)):
             dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        COMM_TIMER.seconds += time.perf_counter() - t0
-        return back, None, None, None
+        return back, None, None, None, None
 
 
-def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group, comm: CommStats | None = None) -> Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group, comm)
 
 
 @dataclass(frozen=True)
@@ -82,22 +85,24 @@ class EPDispatchState:
 
 
 class AllToAllDispatcher:
-    def __init__(self, num_experts: int, ep_group, ep_size: int, ep_rank: int):
+    """The expert-parallel Dispatcher: this rank holds experts ep_rank*L .. (ep_rank+1)*L - 1."""
+
+    def __init__(self, num_experts: int, ep_group, ep_size: int, ep_rank: int, comm: CommStats | None = None):
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
         self.num_experts, self.ep_size, self.ep_rank = num_experts, ep_size, ep_rank
         self.num_local_experts = num_experts // ep_size
         self.group = ep_group
+        self.comm = comm  # None: the collectives are not measured
         self._local = LocalDispatcher(num_experts)
-        self.bytes_sent = 0  # instrumentation for tests and benchmarks: payload bytes of all-to-alls
 
     # ---- local work (no communication) ------------------------------------------------------
     def _regroup_index(self, counts_PL: Tensor) -> Tensor:
         """Index that reorders rows from (source rank, local expert) to (local expert, source rank)."""
         P, L = counts_PL.shape
         starts_PL = (torch.cumsum(counts_PL.reshape(-1), 0) - counts_PL.reshape(-1)).view(P, L)
-        pieces = [torch.arange(int(starts_PL[p, l]), int(starts_PL[p, l] + counts_PL[p, l]))
-                  for l in range(L) for p in range(P)]
+        pieces = [torch.arange(int(starts_PL[p, e]), int(starts_PL[p, e] + counts_PL[p, e]))
+                  for e in range(L) for p in range(P)]
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
     # ---- communication ----------------------------------------------------------------------
@@ -107,29 +112,29 @@ class AllToAllDispatcher:
         The exchange runs on the data's device (NCCL takes only CUDA tensors)."""
         send = counts_E.to(device)
         recv = torch.empty_like(send)
-        t0 = time.perf_counter()
-        with named_collective("all_to_all (MoE token counts)"):
+        with _collective(COUNTS, self.comm, _nbytes(send)):
             dist.all_to_all_single(recv, send, group=self.group)
-        COMM_TIMER.seconds += time.perf_counter() - t0
         return recv.cpu().view(self.ep_size, self.num_local_experts)
 
     def _send(self, x: Tensor, out_splits: list[int], in_splits: list[int]) -> Tensor:
-        self.bytes_sent += x.numel() * x.element_size()
-        return all_to_all(x, out_splits, in_splits, self.group)
+        return all_to_all(x, out_splits, in_splits, self.group, self.comm)
 
-    # ---- the dispatcher interface -----------------------------------------------------------
-    def _agree_capacity(self, capacity: int, device: torch.device) -> int:
+    # ---- the Dispatcher interface -----------------------------------------------------------
+    def capacity(self, factor: float, num_tokens: int, top_k: int, device: torch.device) -> int | None:
         """The largest capacity in the EP group. Ranks may hold different token counts (a short last
         evaluation batch, a training batch that lost an unreadable image); the fixed-size exchange
         needs one C everywhere, and the largest drops no token that its own rank would keep."""
+        capacity = expert_capacity(factor, num_tokens, top_k, self.num_experts)
+        if capacity is None:  # the factor is the same config value on every rank: all skip the collective
+            return None
         t = torch.tensor([capacity], dtype=torch.long, device=device)
-        with named_collective("all_reduce (MoE capacity)"):
+        with _collective(CAPACITY, self.comm, _nbytes(t)):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t[0])
+        return int(t[0])  # device-to-host sync
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, capacity: int | None):
-        if capacity is not None:
-            capacity = self._agree_capacity(capacity, x_TD.device)
+    def dispatch(
+        self, x_TD: Tensor, routing: Routing, capacity: int | None
+    ) -> tuple[Tensor, list[int], EPDispatchState]:
         x_home_RD, kept_E, home = self._local.dispatch(x_TD, routing, capacity)
         P, L = self.ep_size, self.num_local_experts
         if capacity is None:
@@ -146,7 +151,9 @@ class AllToAllDispatcher:
         C = capacity
         counts_E = torch.tensor(kept_E, dtype=torch.long, device=x_TD.device)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
-        expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=x_TD.device), counts_E)
+        # output_size: the row count is known on the host, so repeat_interleave need not sync to learn it.
+        expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=x_TD.device), counts_E,
+                                           output_size=x_home_RD.shape[0])
         slot_R = expert_R * C + (torch.arange(expert_R.numel(), device=x_TD.device) - starts_E[expert_R])
         padded = x_home_RD.new_zeros(self.num_experts * C, x_home_RD.shape[1]).index_copy(0, slot_R, x_home_RD)
         split = [L * C] * P
@@ -155,15 +162,13 @@ class AllToAllDispatcher:
         state = EPDispatchState(home, split, split, regroup, slot_R)
         return x_recv.index_select(0, regroup), [P * C] * L, state
 
-    def combine(self, y_RD: Tensor, state: EPDispatchState) -> Tensor:
-        return self.combine_rows(y_RD, state)[0]
-
-    def combine_rows(self, y_RD: Tensor, state: EPDispatchState) -> tuple[Tensor, Tensor]:
-        """(y_TD, y_home_RD): the combined output and each home row's expert output."""
+    def combine(self, y_RD: Tensor, state: EPDispatchState) -> Combined:
+        """Sends every row back to its token's home rank, then the weighted unpermute there. The rows
+        that came home (in `state.home` order) are returned too: statistics describe this rank's tokens."""
         inverse = torch.empty_like(state.regroup_R)
         inverse[state.regroup_R] = torch.arange(state.regroup_R.numel(), device=inverse.device)
         y_back = self._send(y_RD.index_select(0, inverse), state.send_splits, state.recv_splits)
         if state.pad_keep is not None:
             y_back = y_back.index_select(0, state.pad_keep)
         h = state.home
-        return unpermute(y_back, h.token_R, h.weight_R, h.num_tokens), y_back
+        return Combined(unpermute(y_back, h.token_R, h.weight_R, h.num_tokens), y_back, h)

@@ -1,4 +1,4 @@
-"""Expert tensors in state dicts: recognise them, slice them for one EP rank, join them back.
+"""Expert tensors in state dicts: recognise them by key, slice them for one EP rank, join them back.
 
 Every expert tensor (w1, b1, w2, b2 of an `experts` module) has the expert index as its leading
 dimension, so sharding is a slice along dim 0 and un-sharding is a concatenation in EP-rank
@@ -11,7 +11,10 @@ from torch import Tensor
 
 
 def is_expert_key(name: str) -> bool:
-    """`...experts.w1` etc.: the parameters of an `Experts` module (a standalone layer or in a model)."""
+    """`...experts.w1` etc.: a state-dict key of an `Experts` module (a standalone layer or in a model).
+
+    For keys only (checkpoint files, state dicts); a live Parameter answers `msmoe_dist.moe.is_expert_param`.
+    """
     parts = name.split(".")
     return len(parts) >= 2 and parts[-2] == "experts"
 

@@ -20,18 +20,8 @@ import psutil
 import pytest
 import torch
 
-from dist_harness import run_distributed
-
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(tmp_path, run, *extra):
@@ -56,7 +46,7 @@ def run_ok(cmd, timeout=400):
     assert res.returncode == 0, res.stdout[-2500:] + res.stderr[-2500:]
 
 
-def test_two_nodes_equal_one_node(tmp_path):
+def test_two_nodes_equal_one_node(tmp_path, free_port):
     run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             *train_args(tmp_path, "single", "train.max_steps=6")])
     port = str(free_port())
@@ -124,12 +114,12 @@ def test_elastic_restart_after_sigkill_loses_no_step(tmp_path):
 def _hung_peer(rank, world):
     from msmoe_dist.config.schema import MoEConfig
     from msmoe_dist.moe import MoELayer
-    from msmoe_dist.parallel import AllToAllDispatcher, ParallelLayout, build_process_groups
+    from msmoe_dist.parallel import ParallelLayout, apply_expert_parallel, build_process_groups
     from msmoe_dist.parallel.collectives import CollectiveError
 
     pg = build_process_groups(ParallelLayout(world, 2), rank, timeout_s=4)
-    layer = MoELayer(8, MoEConfig(num_experts=4, top_k=1, expert_ffn_dim=8),
-                     dispatcher=AllToAllDispatcher(4, pg.ep, 2, pg.ep_rank))
+    layer = MoELayer(8, MoEConfig(num_experts=4, top_k=1, expert_ffn_dim=8))
+    apply_expert_parallel(layer, pg)
     if rank == 1:
         time.sleep(12)  # hung: never joins the all-to-all
         return "slept"
@@ -141,7 +131,7 @@ def _hung_peer(rank, world):
     return "no error", time.monotonic() - t0
 
 
-def test_hung_peer_is_an_error_naming_the_collective():
+def test_hung_peer_is_an_error_naming_the_collective(run_distributed):
     msg, waited = run_distributed(_hung_peer, 2, timeout_s=120, collective_timeout_s=4)[0]
     assert "all_to_all (MoE token counts)" in msg and "rank 0" in msg, msg
     assert waited < 11  # bounded by the timeout, not by the peer waking up

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_distributed
 from msmoe_dist.config.schema import DataConfig
 from msmoe_dist.data import training_batch
 from msmoe_dist.data.batches import sequential_layout
@@ -83,7 +82,7 @@ def _check_epochs(windows: torch.Tensor) -> None:
     assert int(micro.max()) == (WORLD * B - 1) * lane_len + per_lane * S < N_TOKENS - 1
 
 
-def test_two_ranks_disjoint_exact_cover_and_restart_matches():
+def test_two_ranks_disjoint_exact_cover_and_restart_matches(run_distributed):
     timeouts = dict(timeout_s=120, collective_timeout_s=60)
     uninterrupted = torch.tensor(run_distributed(_sampler_worker, WORLD, (0,), **timeouts)[0][0])
     assert uninterrupted.shape == (WORLD, STEPS, G, B, S + 1)
@@ -127,7 +126,7 @@ def _trainer_worker(rank: int, world: int, root: str) -> list | None:
     return [trace("full"), trace("part")]
 
 
-def test_trainer_resume_with_sequential_sampler_matches_uninterrupted(tmp_path):
+def test_trainer_resume_with_sequential_sampler_matches_uninterrupted(tmp_path, run_distributed):
     full, part = run_distributed(_trainer_worker, WORLD, str(tmp_path), timeout_s=240, collective_timeout_s=60)[0]
     assert [s for s, _, _ in full] == list(range(1, 7))
     assert part == full  # steps 4..6 after the resume read the same windows, bit for bit

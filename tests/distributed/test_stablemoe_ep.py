@@ -1,8 +1,9 @@
 """StableMoE under expert parallelism (2 gloo ranks) equals one process holding every expert.
 
-As in test_ep_equivalence: each rank builds the full reference from a shared seed and keeps its
-expert slice for the EP copy. Per rank r, outputs, losses and non-expert gradients equal the
-reference on r's tokens alone; expert gradients equal the sum of the reference's over the EP group.
+As in test_ep_equivalence: each rank builds the full reference from a shared seed, and the EP copy
+the same way, then apply_expert_parallel keeps its expert slice. Per rank r, outputs, losses and
+non-expert gradients equal the reference on r's tokens alone; expert gradients equal the sum of the
+reference's over the EP group.
 Both stages: stage 1 (backbone routing, balance + distillation losses) and stage 2 (the frozen
 distilled router, whose parameters must get no gradient on any rank).
 """
@@ -10,11 +11,10 @@ distilled router, whose parameters must get no gradient on any rank).
 import pytest
 import torch
 
-from dist_harness import run_distributed
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models import MoELanguageModel
-from msmoe_dist.moe import MoELayer
-from msmoe_dist.parallel import AllToAllDispatcher, ParallelLayout, build_process_groups, is_expert_key, shard_expert_state
+from msmoe_dist.moe import MoELayer, is_expert_param
+from msmoe_dist.parallel import ParallelLayout, apply_expert_parallel, build_process_groups
 
 E, D, V = 4, 16, 40
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -37,12 +37,14 @@ def _check(model, mine, group, lay, rank, label):
         if name not in mine:
             assert p.grad is None, f"{label} {name}: has a gradient the reference does not"
             continue
-        want = group[name][r0:r0 + per] if is_expert_key(name) else mine[name]
+        want = group[name][r0:r0 + per] if is_expert_param(p) else mine[name]
         torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{label} {name}: {m}")
 
 
 def _run_pair(ref, ep, forward, inputs, rank, lay):
-    """forward(model, inputs) -> (value to compare, scalar to backprop); returns (value, mine, group) of the reference."""
+    """forward(model, inputs) -> (value to compare, scalar to backprop).
+
+    Returns (value, mine, group) of the reference."""
     ep_val, ep_loss = forward(ep, inputs[rank])
     ep_loss.backward()
     group = {}
@@ -66,8 +68,9 @@ def _worker(rank, world, ep_size):
         # The layer alone.
         torch.manual_seed(0)
         ref = MoELayer(D, _cfg(cf), vocab_size=V)
-        ep = MoELayer(D, _cfg(cf), dispatcher=AllToAllDispatcher(E, groups.ep, ep_size, lay.ep_rank(rank)), vocab_size=V)
-        ep.load_state_dict(shard_expert_state(ref.state_dict(), lay.ep_rank(rank), ep_size))
+        torch.manual_seed(0)
+        ep = MoELayer(D, _cfg(cf), vocab_size=V)
+        apply_expert_parallel(ep, groups)
         for m in (ref, ep):
             m.router.set_step(step)
         xs = [torch.randn(2, 6, D, generator=torch.Generator().manual_seed(100 + s)) for s in range(world)]
@@ -90,9 +93,9 @@ def _worker(rank, world, ep_size):
             mcfg = ModelConfig(num_layers=3, d_model=D, num_heads=2, max_seq_len=8, layout="middle")
             torch.manual_seed(0)
             ref = MoELanguageModel(mcfg, _cfg(cf), MomentumConfig(kind=kind), V)
-            disp = AllToAllDispatcher(E, groups.ep, ep_size, lay.ep_rank(rank))
-            ep = MoELanguageModel(mcfg, _cfg(cf), MomentumConfig(kind=kind), V, dispatcher=disp)
-            ep.load_state_dict(shard_expert_state(ref.state_dict(), lay.ep_rank(rank), ep_size))
+            torch.manual_seed(0)
+            ep = MoELanguageModel(mcfg, _cfg(cf), MomentumConfig(kind=kind), V)
+            apply_expert_parallel(ep, groups)
             for m in (ref, ep):
                 m.set_step(step)
             seqs = [torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(400 + s)) for s in range(world)]
@@ -110,6 +113,6 @@ def _worker(rank, world, ep_size):
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2)])
-def test_stablemoe_expert_parallel_equals_single_process(world, ep_size):
+def test_stablemoe_expert_parallel_equals_single_process(world, ep_size, run_distributed):
     results = run_distributed(_worker, world, ep_size, timeout_s=300)
     assert all(len(r) == 8 for r in results)

@@ -55,10 +55,10 @@ def _small(tmp_path, run):
             "train.eval_batches=2"]
 
 
-def test_deepspeed_launcher_and_plain_python(tmp_path):
+def test_deepspeed_launcher_and_plain_python(tmp_path, free_port):
     # the deepspeed launcher (it appends --local_rank=N, which the CLI accepts)
     ds = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                         str(_free_port()), "--module", "msmoe_dist.cli", "train", *_small(tmp_path, "ds"),
+                         str(free_port()), "--module", "msmoe_dist.cli", "train", *_small(tmp_path, "ds"),
                          "parallel.ep_size=2", "parallel.zero_stage=1"],
                         cwd=REPO, capture_output=True, text=True, timeout=400)
     assert ds.returncode == 0, ds.stdout[-3000:] + ds.stderr[-3000:]
@@ -70,11 +70,3 @@ def test_deepspeed_launcher_and_plain_python(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     seal = json.loads((tmp_path / "one" / "checkpoints" / "step_00000003" / "complete.json").read_text())
     assert (seal["engine"], seal["world_size"]) == ("deepspeed", 1)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,6 +1,7 @@
 """V-MoE under expert parallelism (2 gloo ranks) equals one process holding every expert.
 
-Each rank builds the full reference from a shared seed and keeps its expert slice for the EP copy.
+Each rank builds the full reference from a shared seed, and the EP copy the same way, then
+apply_expert_parallel keeps its expert slice.
 Per rank r: logits and non-expert gradients equal the reference's on r's images alone; expert
 gradients equal the sum of the reference's over the EP group. Every momentum variant; dropless and
 capacity modes; ranks with different batch sizes (the capacity is agreed across the EP group).
@@ -9,10 +10,10 @@ capacity modes; ranks with different batch sizes (the capacity is agreed across 
 import pytest
 import torch
 
-from dist_harness import run_distributed
 from msmoe_dist.config.loader import load_config
 from msmoe_dist.models import VisionMoE
-from msmoe_dist.parallel import AllToAllDispatcher, ParallelLayout, build_process_groups, is_expert_key, shard_expert_state
+from msmoe_dist.moe import is_expert_param
+from msmoe_dist.parallel import ParallelLayout, apply_expert_parallel, build_process_groups
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 BASE = ["model.kind=vit", "data.kind=synthetic_images", "vision.image_size=16", "vision.patch_size=4",
@@ -32,8 +33,9 @@ def _worker(rank, world):
         parts = (cfg.model, cfg.moe, cfg.momentum, cfg.vision)
         torch.manual_seed(0)
         ref = VisionMoE(*parts)
-        ep = VisionMoE(*parts, dispatcher=AllToAllDispatcher(4, groups.ep, 2, lay.ep_rank(rank)))
-        ep.load_state_dict(shard_expert_state(ref.state_dict(), lay.ep_rank(rank), 2))
+        torch.manual_seed(0)
+        ep = VisionMoE(*parts)
+        apply_expert_parallel(ep, groups)
         xs = [torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(10 + s)) for s, n in enumerate(sizes)]
         ys = [torch.randint(0, 7, (n,), generator=torch.Generator().manual_seed(20 + s)) for s, n in enumerate(sizes)]
         label = f"{kind} cf={cf} sizes={sizes}"
@@ -54,11 +56,11 @@ def _worker(rank, world):
             if name not in mine:
                 assert p.grad is None, f"{label} {name}: a gradient the reference does not have"
                 continue
-            want = group[name][lay.ep_rank(rank) * 2:(lay.ep_rank(rank) + 1) * 2] if is_expert_key(name) else mine[name]
+            want = group[name][lay.ep_rank(rank) * 2:(lay.ep_rank(rank) + 1) * 2] if is_expert_param(p) else mine[name]
             torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{label} {name}: {m}")
     return len(CASES)
 
 
 @pytest.mark.timeout(300)
-def test_vmoe_expert_parallel_equals_single_process():
+def test_vmoe_expert_parallel_equals_single_process(run_distributed):
     assert run_distributed(_worker, 2, timeout_s=240, collective_timeout_s=60) == [len(CASES)] * 2

@@ -4,9 +4,6 @@ ImageNet-C tree, and check the CLI's figures against a hand computation on the s
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +12,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 pytestmark = pytest.mark.slow
-
-
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "msmoe_dist.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def link_tree(files, root: Path) -> Path:
@@ -31,7 +23,7 @@ def link_tree(files, root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, cli):
     files = sorted(SAMPLE.glob("*.JPEG")) if SAMPLE.is_dir() else []
     if len(files) < 10:
         pytest.skip(f"the ImageNet sample JPEGs are not at {SAMPLE} (48 files named <wnid>_<label>.JPEG expected)")
@@ -59,7 +51,7 @@ def test_training_on_real_jpegs_maps_wnids_to_canonical_classes(trained):
     assert [r for r in rows if "loss" in r][-1]["data.unreadable_images"] == 0
 
 
-def test_robustness_eval_matches_a_hand_computation(trained):
+def test_robustness_eval_matches_a_hand_computation(trained, cli):
     tmp, files = trained
     from msmoe_dist.data.imagenet_classes import IMAGENET_WNIDS
     from msmoe_dist.eval.robustness import load_wnids
@@ -113,7 +105,7 @@ def test_robustness_eval_matches_a_hand_computation(trained):
         assert row["ce"] == pytest.approx(sum(errs) / 5 / alex[name])
 
 
-def test_eval_refuses_language_model_flags_on_a_vit(trained):
+def test_eval_refuses_language_model_flags_on_a_vit(trained, cli):
     tmp, _ = trained
     res = cli("eval", "--checkpoint", str(tmp / "run"), "--attack")
     assert res.returncode == 2 and "--attack" in res.stderr and "Traceback" not in res.stderr

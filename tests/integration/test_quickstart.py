@@ -1,19 +1,10 @@
 """The quickstart end to end through the real command line (tiny step count)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "msmoe_dist.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def small(tmp_path, run="run", *extra):
@@ -27,7 +18,7 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_quickstart_trains_writes_files_and_evaluates(tmp_path):
+def test_quickstart_trains_writes_files_and_evaluates(tmp_path, cli):
     res = cli("train", *small(tmp_path, "run", "train.max_steps=60", "train.eval_every=30",
                               "checkpoint.every_steps=30"))
     assert res.returncode == 0, res.stderr[-2000:]
@@ -61,7 +52,7 @@ def test_quickstart_trains_writes_files_and_evaluates(tmp_path):
     assert out["ppl"] == out["valid_ppl"] and "test_ppl" in out
 
 
-def test_resume_reproduces_the_uninterrupted_loss_trace(tmp_path):
+def test_resume_reproduces_the_uninterrupted_loss_trace(tmp_path, cli):
     common = ["optim.schedule=constant", "model.dropout=0.1", "checkpoint.every_steps=10", "train.eval_batches=2"]
     full = cli("train", *small(tmp_path, "full", "train.max_steps=20", *common))
     assert full.returncode == 0, full.stderr[-2000:]
@@ -72,7 +63,7 @@ def test_resume_reproduces_the_uninterrupted_loss_trace(tmp_path):
     assert losses(tmp_path / "part") == losses(tmp_path / "full")  # bit-exact floats from JSON
 
 
-def test_refuses_to_clobber_or_resume_wrongly(tmp_path):
+def test_refuses_to_clobber_or_resume_wrongly(tmp_path, cli):
     args = small(tmp_path, "run", "train.max_steps=5", "train.overwrite=false")
     assert cli("train", *args).returncode == 0
     before = (tmp_path / "run" / "metrics.jsonl").read_text()

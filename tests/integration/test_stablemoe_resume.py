@@ -2,19 +2,10 @@
 once after it, reproduces the uninterrupted run's loss trace and routing-fluctuation record exactly."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "msmoe_dist.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def tiny(tmp_path, run, *extra):
@@ -31,7 +22,7 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_before_and_after_the_switch_reproduces_the_uninterrupted_run(tmp_path):
+def test_resume_before_and_after_the_switch_reproduces_the_uninterrupted_run(tmp_path, cli):
     full = cli(*tiny(tmp_path, "full", "train.max_steps=12"))
     assert full.returncode == 0, full.stderr[-2000:]
     for steps, resume in [(4, "false"), (8, "true"), (12, "true")]:

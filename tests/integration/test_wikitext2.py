@@ -5,20 +5,12 @@ train and test.txt for valid (and test): "train on valid.txt, evaluate on test.t
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 WIKITEXT2 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2"
 pytestmark = pytest.mark.slow
-
-
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "msmoe_dist.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +32,9 @@ COMMON = ["--config", "configs/quickstart.yaml", "train.progress=false", "loggin
 
 
 @pytest.fixture(scope="module")
-def trained(wt2, tmp_path_factory):
+def trained(wt2, tmp_path_factory, cli):
     run_dir = tmp_path_factory.mktemp("runs") / "wt2"
-    res = cli("train", *COMMON, f"data.kind=text", f"data.path={wt2}", f"train.run_dir={run_dir}",
+    res = cli("train", *COMMON, "data.kind=text", f"data.path={wt2}", f"train.run_dir={run_dir}",
               "train.max_steps=40", "train.eval_every=10", "train.eval_batches=8", "logging.log_every=10",
               "model.num_layers=2", "data.batch_size=8")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -55,7 +47,7 @@ def test_validation_perplexity_falls_on_real_text(trained):
     assert val[-1][1] < 0.8 * val[0][1], val
 
 
-def test_eval_reports_clean_and_attacked_perplexity(trained):
+def test_eval_reports_clean_and_attacked_perplexity(trained, cli):
     res = cli("eval", "--checkpoint", str(trained), "--attack", "--batches", "6", "--device", "cpu")
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -68,7 +60,7 @@ def test_eval_reports_clean_and_attacked_perplexity(trained):
     assert plain.returncode == 0 and "valid_attacked_ppl" not in plain.stdout
 
 
-def test_prepared_sequential_resume_equals_the_uninterrupted_run(wt2, tmp_path):
+def test_prepared_sequential_resume_equals_the_uninterrupted_run(wt2, tmp_path, cli):
     prep = tmp_path / "prep"
     res = cli("prepare", str(wt2), str(prep), "--no-progress")
     assert res.returncode == 0, res.stderr[-2000:]

@@ -17,8 +17,9 @@ from msmoe_dist.config.loader import (
     load_config_with_sources,
     save_config,
 )
+from msmoe_dist.config.moe_placement import lm_moe_blocks
 from msmoe_dist.config.schema import Config
-from msmoe_dist.config.validate import num_moe_layers, validate
+from msmoe_dist.config.validate import validate
 
 BAD_NAME = "bad_cfg.yaml"
 
@@ -70,8 +71,15 @@ def test_later_override_wins():
 def test_override_values_are_yaml():
     cfg = load_config(
         None,
-        ["moe.noisy_gating=true", "optim.lr=1e-3", "model.num_layers=4", "moe.activation=gelu",
-         "momentum.eps=5E-6", "moe.capacity_factor=2", "train.run_dir=runs/x y"],
+        [
+            "moe.noisy_gating=true",
+            "optim.lr=1e-3",
+            "model.num_layers=4",
+            "moe.activation=gelu",
+            "momentum.eps=5E-6",
+            "moe.capacity_factor=2",
+            "train.run_dir=runs/x y",
+        ],
     )
     assert cfg.moe.noisy_gating is True
     assert cfg.optim.lr == 1e-3 and type(cfg.optim.lr) is float
@@ -101,10 +109,23 @@ def test_partial_and_empty_files(tmp_path):
 def test_valid_boundaries_are_accepted():
     load_config(
         None,
-        ["moe.capacity_factor=0", "optim.min_lr_ratio=1", "model.dropout=0", "momentum.mu=0",
-         "optim.warmup_steps=0", "optim.grad_clip=0", "train.eval_every=0", "train.eval_batches=0",
-         "checkpoint.every_steps=0", "checkpoint.keep_last=1", "model.vocab_size=0", "data.seq_len=256",
-         "moe.top_k=8", "parallel.ep_size=8", "train.device=cuda"],
+        [
+            "moe.capacity_factor=0",
+            "optim.min_lr_ratio=1",
+            "model.dropout=0",
+            "momentum.mu=0",
+            "optim.warmup_steps=0",
+            "optim.grad_clip=0",
+            "train.eval_every=0",
+            "train.eval_batches=0",
+            "checkpoint.every_steps=0",
+            "checkpoint.keep_last=1",
+            "model.vocab_size=0",
+            "data.seq_len=256",
+            "moe.top_k=8",
+            "parallel.ep_size=8",
+            "train.device=cuda",
+        ],
     )
     load_config(None, ["optim.min_lr_ratio=0"])
     load_config(None, ["moe.gate=softmax_topk", "moe.renormalize=true"])
@@ -116,11 +137,11 @@ def test_valid_boundaries_are_accepted():
     load_config(None, ["momentum.kind=heavy_ball", "model.num_layers=2", "momentum.adam_layers=5"])
 
 
-def test_num_moe_layers():
-    assert num_moe_layers(4, "switch") == 4
-    assert num_moe_layers(4, "glam") == 2
-    assert num_moe_layers(5, "glam") == 3
-    assert num_moe_layers(1, "glam") == 1
+def test_lm_moe_blocks():
+    assert lm_moe_blocks(4, "switch") == [0, 1, 2, 3]
+    assert lm_moe_blocks(4, "glam") == [0, 2]
+    assert lm_moe_blocks(5, "glam") == [0, 2, 4]
+    assert lm_moe_blocks(1, "glam") == [0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -156,17 +177,26 @@ RANGE_CASES = [
     ({"momentum": {"eps": 0.0}}, ["momentum.eps"], "positive"),
     ({"momentum": {"adam_gamma": -1.0}}, ["momentum.adam_gamma"], "positive"),
     ({"momentum": {"adam_layers": 0}}, ["momentum.adam_layers"], ">= 1"),
-    ({"momentum": {"kind": "adam", "adam_layers": 5}, "model": {"num_layers": 4}},
-     ["momentum.adam_layers", "model.num_layers"], "number of MoE layers (4"),
-    ({"momentum": {"kind": "adam", "adam_layers": 3}, "model": {"num_layers": 4, "layout": "glam"}},
-     ["momentum.adam_layers", "model.num_layers"], "number of MoE layers (2"),
+    (
+        {"momentum": {"kind": "adam", "adam_layers": 5}, "model": {"num_layers": 4}},
+        ["momentum.adam_layers", "model.num_layers"],
+        "number of MoE layers (4",
+    ),
+    (
+        {"momentum": {"kind": "adam", "adam_layers": 3}, "model": {"num_layers": 4, "layout": "glam"}},
+        ["momentum.adam_layers", "model.num_layers"],
+        "number of MoE layers (2",
+    ),
     ({"momentum": {"rho": 0.0}}, ["momentum.rho"], "(0, 1)"),
     ({"momentum": {"rho": 1.0}}, ["momentum.rho"], "(0, 1)"),
     ({"momentum": {"kappa": 1.0}}, ["momentum.kappa"], "> 1"),
     ({"momentum": {"learnable": "scalar"}}, ["momentum.learnable", "momentum.kind"], "kind=none"),
     ({"data": {"seq_len": 0}}, ["data.seq_len"], "positive"),
-    ({"data": {"seq_len": 512}}, ["data.seq_len", "model.max_seq_len"],
-     "data.seq_len=512 must be <= model.max_seq_len=256"),
+    (
+        {"data": {"seq_len": 512}},
+        ["data.seq_len", "model.max_seq_len"],
+        "data.seq_len=512 must be <= model.max_seq_len=256",
+    ),
     ({"data": {"batch_size": 0}}, ["data.batch_size"], "positive"),
     ({"data": {"synthetic_lines": 0}}, ["data.synthetic_lines"], "positive"),
     ({"data": {"path": ""}}, ["data.path"], "non-empty"),
@@ -187,30 +217,68 @@ RANGE_CASES = [
     ({"checkpoint": {"keep_last": 0}}, ["checkpoint.keep_last"], ">= 1"),
     ({"logging": {"log_every": 0}}, ["logging.log_every"], "positive"),
     ({"parallel": {"ep_size": 0}}, ["parallel.ep_size"], ">= 1"),
-    ({"moe": {"balance_loss": "vmoe", "balance_loss_coef": 0.01}}, ["moe.balance_loss", "moe.noisy_gating"],
-     "noisy_gating=true"),
+    (
+        {"moe": {"balance_loss": "vmoe", "balance_loss_coef": 0.01}},
+        ["moe.balance_loss", "moe.noisy_gating"],
+        "noisy_gating=true",
+    ),
     ({"model": {"kind": "vit"}}, ["model.kind", "data.kind"], "data.kind in synthetic_images/imagenet"),
     ({"data": {"kind": "imagenet"}}, ["model.kind", "data.kind"], "expected model.kind=vit"),
-    ({"model": {"kind": "vit"}, "data": {"kind": "synthetic_images"}, "vision": {"image_size": 100}},
-     ["vision.image_size", "vision.patch_size"], "multiple of vision.patch_size=32"),
-    ({"model": {"kind": "vit", "num_layers": 4}, "data": {"kind": "synthetic_images"}, "vision": {"moe_every": 5}},
-     ["model.num_layers", "vision.moe_every"], "no MoE layer"),
-    ({"model": {"kind": "vit", "num_layers": 4}, "data": {"kind": "synthetic_images"},
-      "vision": {"moe_layout": "last", "moe_last": 5}}, ["vision.moe_last", "model.num_layers"], "<= model.num_layers=4"),
-    ({"model": {"kind": "vit", "num_layers": 4}, "data": {"kind": "synthetic_images"},
-      "momentum": {"kind": "adam", "adam_layers": 3}}, ["momentum.adam_layers", "vision.moe_every"],
-     "number of MoE layers (2"),
-    ({"model": {"kind": "vit", "block_style": "reference"}, "data": {"kind": "synthetic_images"}},
-     ["model.block_style", "model.kind"], "pre_ln"),
-    ({"model": {"kind": "vit"}, "data": {"kind": "synthetic_images"}, "moe": {"router": "stablemoe", "top_k": 1}},
-     ["moe.router", "model.kind"], "moe.router=topk"),
-    ({"model": {"kind": "vit"}, "data": {"kind": "synthetic_images"}, "logging": {"fluct_every": 10}},
-     ["logging.fluct_every", "model.kind"], "fluct_every=0"),
+    (
+        {"model": {"kind": "vit"}, "data": {"kind": "synthetic_images"}, "vision": {"image_size": 100}},
+        ["vision.image_size", "vision.patch_size"],
+        "multiple of vision.patch_size=32",
+    ),
+    (
+        {"model": {"kind": "vit", "num_layers": 4}, "data": {"kind": "synthetic_images"}, "vision": {"moe_every": 5}},
+        ["model.num_layers", "vision.moe_every"],
+        "no MoE layer",
+    ),
+    (
+        {
+            "model": {"kind": "vit", "num_layers": 4},
+            "data": {"kind": "synthetic_images"},
+            "vision": {"moe_layout": "last", "moe_last": 5},
+        },
+        ["vision.moe_last", "model.num_layers"],
+        "<= model.num_layers=4",
+    ),
+    (
+        {
+            "model": {"kind": "vit", "num_layers": 4},
+            "data": {"kind": "synthetic_images"},
+            "momentum": {"kind": "adam", "adam_layers": 3},
+        },
+        ["momentum.adam_layers", "vision.moe_every"],
+        "number of MoE layers (2",
+    ),
+    (
+        {"model": {"kind": "vit", "block_style": "reference"}, "data": {"kind": "synthetic_images"}},
+        ["model.block_style", "model.kind"],
+        "pre_ln",
+    ),
+    (
+        {"model": {"kind": "vit"}, "data": {"kind": "synthetic_images"}, "moe": {"router": "stablemoe", "top_k": 1}},
+        ["moe.router", "model.kind"],
+        "moe.router=topk",
+    ),
+    (
+        {"model": {"kind": "vit"}, "data": {"kind": "synthetic_images"}, "logging": {"fluct_every": 10}},
+        ["logging.fluct_every", "model.kind"],
+        "fluct_every=0",
+    ),
     ({"vision": {"eval_crop_ratio": 0}}, ["vision.eval_crop_ratio"], "(0, 1]"),
     ({"vision": {"mixup_alpha": -1}}, ["vision.mixup_alpha"], "non-negative"),
     ({"vision": {"synthetic_classes": 49}}, ["vision.synthetic_classes"], "[2, 48]"),
-    ({"vision": {"synthetic_classes": 20, "num_classes": 10}, "data": {"kind": "synthetic_images"},
-      "model": {"kind": "vit"}}, ["vision.synthetic_classes", "vision.num_classes"], "<= vision.num_classes=10"),
+    (
+        {
+            "vision": {"synthetic_classes": 20, "num_classes": 10},
+            "data": {"kind": "synthetic_images"},
+            "model": {"kind": "vit"},
+        },
+        ["vision.synthetic_classes", "vision.num_classes"],
+        "<= vision.num_classes=10",
+    ),
     ({"parallel": {"ep_size": 3}}, ["moe.num_experts", "parallel.ep_size"], "divisible"),
 ]
 
@@ -431,10 +499,24 @@ def test_validate_programmatic_config():
 def test_save_load_round_trip(tmp_path):
     cfg = load_config(
         None,
-        ["model.num_layers=6", "model.layout=glam", "model.position=rotary", "model.dropout=0.1",
-         "moe.gate=softmax_topk", "moe.renormalize=true", "moe.capacity_factor=1.25", "momentum.kind=adam",
-         "momentum.eps=1e-12", "momentum.learnable=scalar", "optim.lr=3e-4", "optim.schedule=cosine",
-         "train.run_dir=1e5", "data.path=true", "train.resume=true", "logging.tensorboard=false"],
+        [
+            "model.num_layers=6",
+            "model.layout=glam",
+            "model.position=rotary",
+            "model.dropout=0.1",
+            "moe.gate=softmax_topk",
+            "moe.renormalize=true",
+            "moe.capacity_factor=1.25",
+            "momentum.kind=adam",
+            "momentum.eps=1e-12",
+            "momentum.learnable=scalar",
+            "optim.lr=3e-4",
+            "optim.schedule=cosine",
+            "train.run_dir=1e5",
+            "data.path=true",
+            "train.resume=true",
+            "logging.tensorboard=false",
+        ],
     )
     assert cfg.train.run_dir == "1e5" and cfg.data.path == "true"
     path = tmp_path / "sub" / "config.yaml"

@@ -61,7 +61,7 @@ def test_vocab_order_unk_and_oov():
 
 
 def test_vocab_save_load_round_trip(tmp_path):
-    vocab = Vocab.build([tokenize_line(" Zürich = Genève @-@ \" quoted \" ")])
+    vocab = Vocab.build([tokenize_line(' Zürich = Genève @-@ " quoted " ')])
     vocab.save(tmp_path / "vocab.json")
     loaded = Vocab.load(tmp_path / "vocab.json")
     assert loaded == vocab and loaded.sha256() == vocab.sha256() and len(loaded) == len(vocab)

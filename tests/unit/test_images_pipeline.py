@@ -31,8 +31,15 @@ from msmoe_dist.data.synthetic_images import ensure_synthetic_images
 pytestmark = pytest.mark.timeout(120)
 
 SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
-VCFG = VisionConfig(image_size=32, patch_size=8, randaugment_ops=2, randaugment_magnitude=9,
-                    synthetic_classes=2, synthetic_train_per_class=6, synthetic_val_per_class=5)
+VCFG = VisionConfig(
+    image_size=32,
+    patch_size=8,
+    randaugment_ops=2,
+    randaugment_magnitude=9,
+    synthetic_classes=2,
+    synthetic_train_per_class=6,
+    synthetic_val_per_class=5,
+)
 
 
 @pytest.fixture
@@ -127,8 +134,9 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 
 def test_user_errors_name_the_path(tmp_path):
     missing = tmp_path / "imagenet" / "train"
-    _one_line_error(f"{missing} does not exist; expected train/<wnid>/\\*.JPEG and val", ImageFolderDataset,
-                    missing, 1000)
+    _one_line_error(
+        f"{missing} does not exist; expected train/<wnid>/\\*.JPEG and val", ImageFolderDataset, missing, 1000
+    )
     missing.mkdir(parents=True)
     _one_line_error(f"no class folders in {missing}", ImageFolderDataset, missing, 1000)
     (missing / "ILSVRC2012_val_00000001.JPEG").write_bytes(_jpeg_bytes(0))
@@ -150,8 +158,12 @@ def test_user_errors_name_the_path(tmp_path):
 
 def _stream(num_samples, batch_size, world, seed, num_micro, start=0):
     """Keys in stream order: micro-batch by micro-batch, rank by rank."""
-    return [key for g in range(start, start + num_micro) for r in range(world)
-            for key in train_sample_keys(num_samples, batch_size, g, seed, r, world)]
+    return [
+        key
+        for g in range(start, start + num_micro)
+        for r in range(world)
+        for key in train_sample_keys(num_samples, batch_size, g, seed, r, world)
+    ]
 
 
 def test_every_image_once_per_epoch_and_ranks_disjoint():
@@ -159,24 +171,24 @@ def test_every_image_once_per_epoch_and_ranks_disjoint():
     stream = _stream(n, b, w, seed=1, num_micro=10)
     indices = [i for i, _ in stream]
     for epoch in range(len(indices) // n):
-        assert sorted(indices[epoch * n:(epoch + 1) * n]) == list(range(n))
-    assert indices[:n] != indices[n:2 * n]  # a fresh permutation every epoch
+        assert sorted(indices[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert indices[:n] != indices[n : 2 * n]  # a fresh permutation every epoch
     # Within an epoch (positions [0, n)) the ranks' slices are disjoint.
     per_rank = [set() for _ in range(w)]
     for pos, index in enumerate(indices[:n]):
         per_rank[(pos // b) % w].add(index)
     assert sum(len(s) for s in per_rank) == n
     assert len({seed for _, seed in stream}) == len(stream)  # one aug seed per stream position
-    assert [i for i, _ in _stream(n, b, w, seed=2, num_micro=2)] != indices[:2 * b * w]
+    assert [i for i, _ in _stream(n, b, w, seed=2, num_micro=2)] != indices[: 2 * b * w]
 
 
 def test_resume_equals_the_tail_of_the_uninterrupted_stream():
     n, b, w = 50, 3, 2
     full = _stream(n, b, w, seed=9, num_micro=40)
-    assert _stream(n, b, w, seed=9, num_micro=15, start=25) == full[25 * b * w:]
+    assert _stream(n, b, w, seed=9, num_micro=15, start=25) == full[25 * b * w :]
     # Each rank's view alone, as a resumed rank computes it.
     for r in range(w):
-        assert train_sample_keys(n, b, 31, 9, r, w) == full[(31 * w + r) * b:(31 * w + r + 1) * b]
+        assert train_sample_keys(n, b, 31, 9, r, w) == full[(31 * w + r) * b : (31 * w + r + 1) * b]
 
 
 def test_augmentation_is_a_function_of_the_key_not_of_the_worker(synthetic):

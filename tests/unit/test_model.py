@@ -5,8 +5,9 @@ import itertools
 import pytest
 import torch
 
+from msmoe_dist.config.moe_placement import lm_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
-from msmoe_dist.models import MoELanguageModel, moe_block_indices
+from msmoe_dist.models import MoELanguageModel
 from msmoe_dist.momentum import MomentumState
 
 V = 50
@@ -35,7 +36,7 @@ def test_every_variant_trains_a_step(kind, style, layout):
     x, y = batch()
     out = model(x, y, collect_stats=True)
     assert torch.isfinite(out.loss) and out.aux_loss > 0
-    assert len(out.stats) == model.num_moe_layers == len(moe_block_indices(4, layout))
+    assert len(out.stats) == model.num_moe_layers == len(lm_moe_blocks(4, layout))
     (out.loss + out.aux_loss).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msmoe_dist.moe import Experts, grouped_mm_works
+from msmoe_dist.moe import Experts, MoELayer, grouped_mm_works, is_expert_param
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -113,3 +113,28 @@ def test_init_and_bad_counts():
         ex(torch.randn(2, 64), [1, 1])  # wrong number of experts
     with pytest.raises(ValueError):
         Experts(2, 4, 8, "tanh")
+
+
+def test_expert_parameters_are_tagged_where_they_are_created():
+    from msmoe_dist.config.schema import MoEConfig
+
+    layer = MoELayer(8, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16))
+    tagged = {n for n, p in layer.named_parameters() if is_expert_param(p)}
+    assert tagged == {"experts.w1", "experts.b1", "experts.w2", "experts.b2"}
+    layer.to(torch.float64)  # .to() keeps the Parameter objects, so the tag
+    assert {n for n, p in layer.named_parameters() if is_expert_param(p)} == tagged
+    assert not is_expert_param(torch.zeros(2)) and not is_expert_param(layer.router.weight)
+
+
+def test_keep_experts_slices_every_tensor_and_keeps_the_tag():
+    ex = make_experts(E=4)
+    full = [t.detach().clone() for t in (ex.w1, ex.b1, ex.w2, ex.b2)]
+    ex.keep_experts(range(1, 3))
+    assert ex.num_experts == 2
+    for t, f in zip((ex.w1, ex.b1, ex.w2, ex.b2), full):
+        assert torch.equal(t, f[1:3]) and is_expert_param(t) and t.requires_grad
+    y = ex(torch.randn(3, 8), [1, 2])  # runs with the two experts it kept
+    assert y.shape == (3, 8)
+    for bad in (range(0, 3), range(2, 2), range(0, 2, 2)):
+        with pytest.raises(ValueError):
+            ex.keep_experts(bad)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from msmoe_dist.config.schema import MoEConfig
-from msmoe_dist.moe import LocalDispatcher, MoELayer, Routing, compute_stats, expert_capacity
+from msmoe_dist.moe import Combined, Dispatcher, LocalDispatcher, MoELayer, Routing, compute_stats, expert_capacity
 
 
 def hand_routing(experts, weights, E) -> Routing:
@@ -44,7 +44,9 @@ def test_dispatch_identity_combine(normalised):
     d = LocalDispatcher(E)
     x_RD, counts, state = d.dispatch(x, hand_routing(experts, w, E), capacity=None)
     assert sum(counts) == T * K and state.num_dropped == 0 and state.kept_TK is None
-    out = d.combine(x_RD, state)  # identity experts
+    combined = d.combine(x_RD, state)  # identity experts
+    assert combined.home is state and combined.home_rows_RD is x_RD
+    out = combined.out_TD
     expected = x * w.sum(-1, keepdim=True)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     if normalised:
@@ -76,7 +78,7 @@ def test_capacity_drops_exactly():
     assert state.num_dropped == 6
     assert state.kept_TK.tolist() == CAP_KEPT
     assert state.token_R.tolist() == [0, 1, 3, 0, 5, 1]
-    out = d.combine(x_RD, state)  # identity experts
+    out = d.combine(x_RD, state).out_TD  # identity experts
     kept_w = (w * torch.tensor(CAP_KEPT)).sum(-1, keepdim=True)  # dropped weights are not renormalised
     torch.testing.assert_close(out, x * kept_w)
     assert not out[2].any() and not out[4].any()
@@ -91,6 +93,83 @@ def test_expert_capacity():
     assert expert_capacity(1.25, 6, 2, 4) == 4  # ceil(3.75)
     assert expert_capacity(1.1, 10, 1, 1) == 11  # 1.1 * 10 is 11.000000000000002 in floats
     assert expert_capacity(0.5, 12, 2, 3) == 4
+
+
+def test_local_dispatcher_is_a_dispatcher_and_owns_the_capacity():
+    d = LocalDispatcher(4)
+    assert isinstance(d, Dispatcher) and d.num_local_experts == 4
+    assert d.capacity(1.25, 6, 2, torch.device("cpu")) == expert_capacity(1.25, 6, 2, 4) == 4
+    assert d.capacity(0.0, 6, 2, torch.device("cpu")) is None
+
+
+class SpyDispatcher:
+    """A Dispatcher that wraps LocalDispatcher, records the calls and imposes its own capacity."""
+
+    def __init__(self, num_experts, capacity):
+        self._local = LocalDispatcher(num_experts)
+        self.num_local_experts = num_experts
+        self._capacity = capacity
+        self.calls = []
+
+    def capacity(self, factor, num_tokens, top_k, device):
+        self.calls.append(("capacity", factor, num_tokens, top_k))
+        return self._capacity
+
+    def dispatch(self, x_TD, routing, capacity):
+        self.calls.append(("dispatch", capacity))
+        return self._local.dispatch(x_TD, routing, capacity)
+
+    def combine(self, y_RD, state):
+        self.calls.append(("combine",))
+        c = self._local.combine(y_RD, state)
+        return Combined(c.out_TD, c.home_rows_RD, c.home)
+
+
+def test_layer_takes_the_capacity_from_its_dispatcher():
+    # The dispatcher owns the capacity: the layer passes on what it says (here 1 instead of the config's 2).
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=3, top_k=2, expert_ffn_dim=5, capacity_factor=0.5)
+    spy = SpyDispatcher(3, capacity=1)
+    layer = MoELayer(3, cfg, dispatcher=spy)
+    assert isinstance(spy, Dispatcher) and layer.num_local_experts == 3
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(3))
+    stats = layer(torch.tensor(CAP_X), collect_stats=True).stats
+    assert [c[0] for c in spy.calls] == ["capacity", "dispatch", "combine"]
+    assert spy.calls[0] == ("capacity", 0.5, 6, 2) and spy.calls[1] == ("dispatch", 1)
+    assert stats.tokens_per_expert == [1, 1, 1] and stats.num_dropped == 9
+
+
+def test_layer_set_step_reaches_the_router_and_topk_ignores_it():
+    torch.manual_seed(0)
+    layer = MoELayer(4, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=8))
+    x = torch.randn(5, 4)
+    before = layer(x).out
+    layer.set_step(1000)
+    assert torch.equal(layer(x).out, before)
+    # one call signature for every router: token ids are accepted and not read by top-k
+    assert torch.equal(layer.router(x, torch.arange(5)).experts_TK, layer.router(x).experts_TK)
+
+
+class _Owns:
+    def __init__(self, n):
+        self._local = LocalDispatcher(n)
+        self.num_local_experts = n
+
+
+def test_shard_experts_keeps_a_slice_once():
+    torch.manual_seed(0)
+    layer = MoELayer(4, MoEConfig(num_experts=4, top_k=1, expert_ffn_dim=8))
+    full = {n: p.detach().clone() for n, p in layer.experts.named_parameters()}
+    with pytest.raises(ValueError, match="delivers rows for 3"):
+        layer.shard_experts(range(2, 4), _Owns(3))
+    dispatcher = _Owns(2)
+    layer.shard_experts(range(2, 4), dispatcher)
+    assert layer.dispatcher is dispatcher and layer.num_local_experts == layer.experts.num_experts == 2
+    for n, p in layer.experts.named_parameters():
+        assert torch.equal(p, full[n][2:4]), n
+    with pytest.raises(RuntimeError, match="already sharded"):
+        layer.shard_experts(range(0, 2), _Owns(2))
 
 
 def capacity_layer(impl="grouped") -> MoELayer:
@@ -265,12 +344,14 @@ def test_layer_stats_are_detached_python_values():
 
 
 def test_layer_bench_smoke():
+    """msmoe-bench layer runs on a tiny shape and reports consistent figures (no timing is asserted;
+    the DeepSpeed comparison, which builds a process group, stays off in a unit test)."""
     import argparse
 
     from msmoe_dist.bench.layer import add_layer_args, run_layer_bench
 
     args = add_layer_args(argparse.ArgumentParser()).parse_args(
-        "--tokens 64 --d-model 16 --ffn 32 --experts 4 --top-k 2 --repeats 2 --warmup 1".split()
+        "--tokens 64 --d-model 16 --ffn 32 --experts 4 --top-k 2 --repeats 2 --warmup 1 --no-deepspeed".split()
     )
     r = run_layer_bench(args)
     assert r["shapes"]["rows_per_expert"] == 32 and r["floor_ms"] == min(r["floor_bmm_ms"], r["floor_loop_ms"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections import Counter
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +61,7 @@ def test_wikitext2_round_trip_counts_and_memmap(tmp_path):
     _need_wikitext2()
     src = _wikitext2_dir(tmp_path)
     meta = prepare_corpus(src, tmp_path / "prep", progress=False)
-    assert {s: e["tokens"] for s, e in meta["splits"].items()} == {"train": 217_646, "valid": 217_646,
-                                                                    "test": 245_569}
+    assert {s: e["tokens"] for s, e in meta["splits"].items()} == {"train": 217_646, "valid": 217_646, "test": 245_569}
     assert meta["dtype"] == "uint16" and meta["magic"] == "msmoe_prepared" and meta["version"] == 1
     assert meta["splits"]["valid"]["lines"] == 3760 and meta["splits"]["test"]["lines"] == 4358
     corpus = load_corpus(DataConfig(kind="prepared", path=str(tmp_path / "prep")))
@@ -112,8 +111,9 @@ def test_block_encoder_equals_the_reference_tokenisation(tmp_path):
 
 def test_large_vocabulary_uses_uint32_and_subset_of_splits(tmp_path):
     words = " ".join(f"w{i}" for i in range(70_000))
-    src = _write(tmp_path / "src", {"train": f" {words} \n {words} \n", "valid": " w1 w69999 nope \n",
-                                    "test": " w5 \n"})
+    src = _write(
+        tmp_path / "src", {"train": f" {words} \n {words} \n", "valid": " w1 w69999 nope \n", "test": " w5 \n"}
+    )
     meta = prepare_corpus(src, tmp_path / "prep", splits=("valid",), progress=False)
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_002 and set(meta["splits"]) == {"valid"}
     assert not (tmp_path / "prep" / "train.bin").exists()
@@ -158,8 +158,11 @@ def test_header_problems_are_one_line_data_errors(tmp_path):
         load_corpus(DataConfig(kind="prepared", path=str(tmp_path / "nowhere")))
     with pytest.raises(DataError, match="has no meta.json"):
         load_corpus(DataConfig(kind="prepared", path=str(tmp_path / "src")))
-    for patch, pattern in (({"magic": "other"}, "magic"), ({"version": 99}, "format version 99"),
-                           ({"dtype": "float32"}, "dtype")):
+    for patch, pattern in (
+        ({"magic": "other"}, "magic"),
+        ({"version": 99}, "format version 99"),
+        ({"dtype": "float32"}, "dtype"),
+    ):
         (prep / "meta.json").write_text(json.dumps({**meta, **patch}))
         with pytest.raises(DataError, match=pattern):
             load_corpus(DataConfig(kind="prepared", path=str(prep)))
@@ -191,8 +194,14 @@ def test_sentencepiece_prepared_equals_text_and_round_trips(tmp_path, model_type
     generate_corpus(tmp_path / "syn", 300, seed=3)
     (tmp_path / "syn" / "test.txt").write_text(" the <unk> of Ashford .\n")
     cfg = dict(tokenizer="sentencepiece", sp_vocab_size=300, sp_model_type=model_type)
-    meta = prepare_corpus(tmp_path / "syn", tmp_path / "prep", tokenizer="sentencepiece", sp_vocab_size=300,
-                          sp_model_type=model_type, progress=False)
+    meta = prepare_corpus(
+        tmp_path / "syn",
+        tmp_path / "prep",
+        tokenizer="sentencepiece",
+        sp_vocab_size=300,
+        sp_model_type=model_type,
+        progress=False,
+    )
     assert meta["tokenizer"] == {"kind": "sentencepiece", "sp_vocab_size": 300, "sp_model_type": model_type}
     prepared = load_corpus(DataConfig(kind="prepared", path=str(tmp_path / "prep"), **cfg))
     text = load_corpus(DataConfig(kind="text", path=str(tmp_path / "syn"), **cfg))
@@ -208,13 +217,25 @@ def test_sentencepiece_prepared_equals_text_and_round_trips(tmp_path, model_type
     assert decoded.count(EOS) == 12
     assert decoded.replace(EOS, " ").replace("\u2581", " ").split() == " ".join(train_lines).split()
     with pytest.raises(DataError, match="tokenized with"):
-        load_corpus(DataConfig(kind="prepared", path=str(tmp_path / "prep"), tokenizer="sentencepiece",
-                               sp_vocab_size=301, sp_model_type=model_type))
+        load_corpus(
+            DataConfig(
+                kind="prepared",
+                path=str(tmp_path / "prep"),
+                tokenizer="sentencepiece",
+                sp_vocab_size=301,
+                sp_model_type=model_type,
+            )
+        )
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "msmoe_dist.cli", "prepare", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "msmoe_dist.cli", "prepare", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_help_and_one_line_errors(tmp_path):

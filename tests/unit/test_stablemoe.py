@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from msmoe_dist.config.moe_placement import lm_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
-from msmoe_dist.models import MoELanguageModel, moe_block_indices
+from msmoe_dist.models import MoELanguageModel
 from msmoe_dist.moe import MoELayer, StableMoERouter, stable_balance_loss
 from msmoe_dist.moe.router import Routing
 
@@ -142,7 +143,7 @@ def lm(kind="none", layout="middle", **moe_kw):
 
 
 def test_middle_layout_has_one_moe_block_in_the_middle():
-    assert moe_block_indices(4, "middle") == [2] and moe_block_indices(1, "middle") == [0]
+    assert lm_moe_blocks(4, "middle") == [2] and lm_moe_blocks(1, "middle") == [0]
     model = lm()
     assert [b.is_moe for b in model.blocks] == [False, True, False] and model.num_moe_layers == 1
 

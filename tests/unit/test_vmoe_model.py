@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from msmoe_dist.config.loader import load_config
+from msmoe_dist.config.moe_placement import vit_moe_blocks
 from msmoe_dist.models import VisionMoE, classification_loss
-from msmoe_dist.models.layouts import vit_moe_blocks
 from msmoe_dist.moe import MoELayer
 from msmoe_dist.moe.router import Router, importance_loss, load_loss
 from msmoe_dist.momentum import MomentumState

@@ -1,4 +1,9 @@
-"""Which blocks of a model hold an MoE layer (pure Python: the config validator uses it too)."""
+"""Which blocks of a model hold an MoE layer: a function of config values only.
+
+Pure Python, so the config validator counts MoE layers without importing the models; the
+models call the same functions to place their MoE blocks.  (Not to be confused with
+``parallel/layout.py``, which places ranks, not layers.)
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Run a function on N gloo ranks in spawned processes, with a hard timeout.
+"""Run a function on N gloo ranks in spawned processes, with a hard timeout; a free loopback port.
+
+Tests reach these through the fixtures in tests/conftest.py (`run_distributed`, `free_port`). This
+module exists apart from conftest.py because spawned ranks unpickle `_worker` by its module name:
+pytest puts tests/ on sys.path (the rootdir conftest), and the spawn start method hands that
+sys.path to every child, so `dist_harness` imports there too.
 
 Each rank calls `fn(rank, world_size, *args)` after init_process_group (gloo, file:// store,
 collective timeout `collective_timeout_s`). Returns the list of per-rank return values
@@ -22,11 +27,24 @@ def _worker(fn, rank, world_size, init_file, q, args, collective_timeout_s, mast
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N ranks share 2 cores
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master_port})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": master_port,
+        }
+    )
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=collective_timeout_s))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=collective_timeout_s),
+        )
         out = fn(rank, world_size, *args)
         q.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -36,7 +54,8 @@ def _worker(fn, rank, world_size, init_file, q, args, collective_timeout_s, mast
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it; another process may still take it)."""
     import socket
 
     with socket.socket() as s:
@@ -49,9 +68,11 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 180.0, collec
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
-        port = str(_free_port())  # only read by libraries that want MASTER_*; the store is the file
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, q, args, collective_timeout_s, port))
-                 for r in range(world_size)]
+        port = str(free_port())  # only read by libraries that want MASTER_*; the store is the file
+        procs = [
+            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, q, args, collective_timeout_s, port))
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         results, errors = {}, []
