@@ -45,7 +45,7 @@ class NativeEngine(LocalEvaluator):
                 out = self.model(x, y, collect_stats=collect_stats and i == n - 1)
             loss = objective(out)
             if not torch.isfinite(loss):  # device-to-host sync; checked before backward: the weights stay good
-                raise NonFiniteLoss(f"loss became {float(loss)}")
+                raise NonFiniteLoss(f"loss became {float(loss.detach())}")
             (loss / n).backward()
             # device-to-host syncs: the logged means
             ce, aux = ce + float(out.loss.detach()) / n, aux + float(out.aux_loss.detach()) / n

@@ -61,8 +61,9 @@ def find_resume_point(train: TrainConfig) -> Path | None:
     return None
 
 
-def build_engine(cfg: Config, kind: str, runtime: Runtime, task: Task) -> Engine:
-    """Builds the model once from the seed (as one process would), applies expert parallelism, wraps it."""
+def build_initial_model(cfg: Config, task: Task) -> torch.nn.Module:
+    """The model on one device, from the seed (as one process would build it), or from
+    checkpoint.init_from's weights (every expert, any EP degree; the network must match)."""
     init = None
     if cfg.checkpoint.init_from:
         step_dir = resolve_checkpoint(cfg.checkpoint.init_from)
@@ -72,6 +73,12 @@ def build_engine(cfg: Config, kind: str, runtime: Runtime, task: Task) -> Engine
     model = task.build_model()
     if init is not None:
         model.load_state_dict(init)
+    return model
+
+
+def build_engine(cfg: Config, kind: str, runtime: Runtime, model: torch.nn.Module) -> Engine:
+    """Wraps a model built on one device: native as it is; deepspeed after building the process
+    groups and applying expert parallelism (this rank keeps its experts)."""
     if kind == "native":
         from msmoe_dist.train.native_engine import NativeEngine
 
@@ -106,7 +113,7 @@ def run(cfg: Config) -> dict:
         torch.distributed.barrier()
     if not runtime.is_main:
         task.load_data()
-    engine = build_engine(cfg, kind, runtime, task)
+    engine = build_engine(cfg, kind, runtime, build_initial_model(cfg, task))
     start, resumed = 0, None
     if resume_from is not None:
         resumed = read_meta(resume_from)
@@ -146,4 +153,4 @@ def run(cfg: Config) -> dict:
     return final
 
 
-__all__ = ["run", "engine_kind", "find_resume_point", "build_engine", "TrainError", "NonFiniteLoss"]
+__all__ = ["run", "engine_kind", "find_resume_point", "build_initial_model", "build_engine", "TrainError", "NonFiniteLoss"]

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from msmoe_dist.checkpoint import Checkpointer, CheckpointMeta, load_full_weights, read_meta
 from msmoe_dist.config import load_config
 from msmoe_dist.data import train_batch
+from msmoe_dist.models.build import build_model
 from msmoe_dist.moe import is_expert_param
-from msmoe_dist.parallel import ParallelLayout, build_process_groups, is_expert_key
-from msmoe_dist.train.checkpoint import read_seal, save_checkpoint
-from msmoe_dist.train.trainer import build_model
+from msmoe_dist.parallel import ParallelLayout, is_expert_key
+from msmoe_dist.parallel.runtime import Runtime
+from msmoe_dist.train.trainer import build_engine
 
 V, B, S = 60, 2, 8
 
@@ -30,13 +32,19 @@ def _cfg(*extra):
         "parallel.engine=deepspeed", "train.max_steps=10", *extra])
 
 
-def _engine(cfg, rank, world, init=None):
-    from msmoe_dist.parallel.startup import init_for_deepspeed
-    from msmoe_dist.train.ds_engine import DeepSpeedEngine
+def _model(cfg):
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model, cfg.moe, cfg.momentum, cfg.vision, V)
 
-    init_for_deepspeed(cfg.parallel, "cpu", rank)
-    pg = build_process_groups(ParallelLayout(world, cfg.parallel.ep_size), rank)
-    return DeepSpeedEngine(cfg, build_model, V, pg, init)
+
+def _engine(cfg, rank, world, init=None):
+    """What msmoe-train does: build on one device from the seed (or load full weights), then parallelise."""
+    runtime = Runtime(rank, world, rank, torch.device("cpu"))
+    runtime.start_distributed(cfg.parallel)
+    model = _model(cfg)
+    if init is not None:
+        model.load_state_dict(init)
+    return build_engine(cfg, "deepspeed", runtime, model)
 
 
 STREAM = torch.randint(0, V, (5000,), generator=torch.Generator().manual_seed(0))
@@ -48,8 +56,7 @@ def _norm_worker(rank, world, ep, stage, gas):
     micro = [train_batch(STREAM, m, B, S, 0, rank, world) for m in range(gas)]
     res = eng.train_step(micro, collect_stats=False)
     # single process, all experts, the global batch (every rank's micro-batch)
-    torch.manual_seed(cfg.train.seed)
-    ref = build_model(cfg, V)
+    ref = _model(cfg)
     before = {n: p.detach().clone() for n, p in ref.named_parameters()}
     losses = []
     for r in range(world):
@@ -83,8 +90,8 @@ def _ckpt_worker(rank, world, root):
     eng = _engine(cfg, rank, world)
     for step in range(2):
         eng.train_step([train_batch(STREAM, step, B, S, 0, rank, world)], collect_stats=False)
-    seal = {**eng.seal(), "config": {}, "vocab_size": V}
-    step_dir = save_checkpoint(root, 2, lambda d: eng.write_rank_files(d, 2), seal, "", 2, eng.is_main, eng.barrier)
+    meta = CheckpointMeta(2, eng.layout_meta(), {}, {"vocab_size": V})
+    step_dir = Checkpointer(root, 2, eng.is_main, eng.barrier).save(meta, eng, "")
     before = {n: p.detach().clone() for n, p in eng.model.named_parameters()}
     nxt = [train_batch(STREAM, 2, B, S, 0, rank, world)]
     eng.train_step(nxt, collect_stats=False)
@@ -93,7 +100,8 @@ def _ckpt_worker(rank, world, root):
     # a fresh engine from another seed, then load: every rank gets its own experts back
     other = _engine(_cfg("parallel.ep_size=2", "parallel.zero_stage=1", "optim.name=adamw", "optim.lr=0.01",
                          "train.seed=7"), rank, world)
-    assert other.load(step_dir, read_seal(step_dir)) == 2
+    assert read_meta(step_dir).step == 2
+    other.load_files(step_dir, read_meta(step_dir))
     for n, p in other.model.named_parameters():
         assert torch.equal(p.detach(), before[n]), f"rank {rank} {n} differs after load"
     other.train_step(nxt, collect_stats=False)  # optimiser state restored too: the next step matches
@@ -101,8 +109,6 @@ def _ckpt_worker(rank, world, root):
         torch.testing.assert_close(p.detach(), after_one[n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
 
     # weights only, at other EP degrees with the same 8 experts
-    from msmoe_dist.train.weights import load_full_weights
-
     full, _ = load_full_weights(step_dir)
     lay2 = ParallelLayout(world, 2)
     for n, p in before.items():

@@ -7,8 +7,9 @@ import torch
 from msmoe_dist.config import load_config
 from msmoe_dist.data import train_batch
 from msmoe_dist.moe import is_expert_param
-from msmoe_dist.parallel import ParallelLayout, build_process_groups
-from msmoe_dist.train.trainer import build_model
+from msmoe_dist.models.build import build_model
+from msmoe_dist.parallel.runtime import Runtime
+from msmoe_dist.train.trainer import build_engine
 
 V, B, S, E = 60, 2, 8, 4
 STREAM = torch.randint(0, V, (2000,), generator=torch.Generator().manual_seed(0))
@@ -25,18 +26,20 @@ def _cfg(kind):
         "parallel.ep_size=2", "parallel.zero_stage=2", *CASES[kind]])
 
 
-def _worker(rank, world):
-    from msmoe_dist.parallel.startup import init_for_deepspeed
-    from msmoe_dist.train.ds_engine import DeepSpeedEngine
+def _model(cfg):
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model, cfg.moe, cfg.momentum, cfg.vision, V)
 
+
+def _worker(rank, world):
     norms = {}
+    runtime = Runtime(rank, world, rank, torch.device("cpu"))
     for kind in CASES:
         cfg = _cfg(kind)
-        init_for_deepspeed(cfg.parallel, "cpu", rank)
-        eng = DeepSpeedEngine(cfg, build_model, V, build_process_groups(ParallelLayout(world, 2), rank), None)
+        runtime.start_distributed(cfg.parallel)
+        eng = build_engine(cfg, "deepspeed", runtime, _model(cfg))
         res = eng.train_step([train_batch(STREAM, 0, B, S, 0, rank, world)], collect_stats=False)
-        torch.manual_seed(cfg.train.seed)
-        ref = build_model(cfg, V)
+        ref = _model(cfg)
         before = {n: p.detach().clone() for n, p in ref.named_parameters()}
         losses = [ref(*train_batch(STREAM, 0, B, S, 0, r, world)) for r in range(world)]
         (sum(o.loss + o.aux_loss for o in losses) / world).backward()
