@@ -9,6 +9,7 @@ one would have read (mid-epoch included).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -16,7 +17,15 @@ import torch
 from torch import nn
 
 from msmoe_dist.config.output_layer import check_cutoffs
-from msmoe_dist.config.schema import Config, DataConfig, ModelConfig, TrainConfig, VisionConfig
+from msmoe_dist.config.schema import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    MomentumConfig,
+    MoEConfig,
+    TrainConfig,
+    VisionConfig,
+)
 from msmoe_dist.eval.evaluator import Evaluator
 from msmoe_dist.models.build import build_model
 from msmoe_dist.train.errors import TrainError
@@ -62,13 +71,24 @@ def resolve_vocab_size(model: ModelConfig, data_vocab: int) -> int:
     return model.vocab_size
 
 
+@dataclass(frozen=True)
+class NetworkConfigs:
+    """The sections a task builds its model from."""
+
+    model: ModelConfig
+    moe: MoEConfig
+    momentum: MomentumConfig
+    vision: VisionConfig
+
+    def build(self, num_outputs: int) -> nn.Module:
+        return build_model(self.model, self.moe, self.momentum, self.vision, num_outputs)
+
+
 class LMTask:
     rate_key = "tokens_per_s"
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg  # the model sections, to build the model; the loop reads data and train
-        self.data: DataConfig = cfg.data
-        self.train: TrainConfig = cfg.train
+    def __init__(self, net: NetworkConfigs, data: DataConfig, train: TrainConfig):
+        self.net, self.data, self.train = net, data, train
 
     def load_data(self) -> None:
         from msmoe_dist.data import load_corpus
@@ -80,11 +100,10 @@ class LMTask:
         return self.corpus.valid
 
     def num_outputs(self) -> int:
-        return resolve_vocab_size(self.cfg.model, len(self.corpus.vocab))
+        return resolve_vocab_size(self.net.model, len(self.corpus.vocab))
 
     def build_model(self) -> nn.Module:
-        c = self.cfg
-        return build_model(c.model, c.moe, c.momentum, c.vision, self.num_outputs())
+        return self.net.build(self.num_outputs())
 
     def data_fingerprint(self) -> dict:
         return {"vocab_size": self.num_outputs(), "vocab_sha256": self.corpus.vocab.sha256()}
@@ -121,11 +140,8 @@ class VisionTask:
     rate_key = "images_per_s"
     probe_stream = None
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.data: DataConfig = cfg.data
-        self.train: TrainConfig = cfg.train
-        self.vision: VisionConfig = cfg.vision
+    def __init__(self, net: NetworkConfigs, data: DataConfig, train: TrainConfig):
+        self.net, self.data, self.train, self.vision = net, data, train, net.vision
         self.loader = None
         self.unreadable = self.reported = 0
 
@@ -143,8 +159,7 @@ class VisionTask:
         return self.vision.num_classes
 
     def build_model(self) -> nn.Module:
-        c = self.cfg
-        return build_model(c.model, c.moe, c.momentum, c.vision, self.num_outputs())
+        return self.net.build(self.num_outputs())
 
     def data_fingerprint(self) -> dict:
         return {"num_classes": self.num_outputs(), "classes": list(self.train_set.classes)}
@@ -195,7 +210,9 @@ class VisionTask:
 
 
 def make_task(cfg: Config) -> Task:
-    return VisionTask(cfg) if cfg.model.kind == "vit" else LMTask(cfg)
+    """The task of model.kind, handed only the sections it reads."""
+    net = NetworkConfigs(cfg.model, cfg.moe, cfg.momentum, cfg.vision)
+    return (VisionTask if cfg.model.kind == "vit" else LMTask)(net, cfg.data, cfg.train)
 
 
 __all__ = ["LMTask", "Task", "VisionTask", "make_task", "resolve_vocab_size"]
