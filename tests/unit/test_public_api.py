@@ -23,6 +23,7 @@ HOMES = {
     "MoELayer": "msmoe_dist.moe",
     "MoEOutput": "msmoe_dist.moe",
     "Router": "msmoe_dist.moe",
+    "Dispatcher": "msmoe_dist.moe",
     "LocalDispatcher": "msmoe_dist.moe",
     "MomentumUpdate": "msmoe_dist.momentum",
     "MomentumState": "msmoe_dist.momentum",
