@@ -7,8 +7,9 @@ The public API is what a researcher needs to put a momentum MoE stack into their
 - ``MoELayer``: route, dispatch, run the experts, combine; ``layer(x).out`` has x's shape. Returns a
   ``MoEOutput`` (``out``, ``aux_loss``, ``stats``).
 - ``Router``: the top-k router the layer builds for ``MoEConfig.router="topk"``.
-- ``LocalDispatcher``: the single-process dispatcher the layer uses by default; expert parallelism
-  swaps in another one (``MoELayer(d, cfg, dispatcher=...)``).
+- ``Dispatcher``, ``LocalDispatcher``: the interface that moves token rows to the experts and back, and
+  its single-process implementation, the layer's default; expert parallelism swaps in another one
+  (``MoELayer(d, cfg, dispatcher=...)``).
 - ``MomentumUpdate``, ``MomentumState``: the residual update rule across the stack (hyper-parameters
   only) and the token-local state it threads from layer to layer (fresh for every forward pass).
 
@@ -30,12 +31,14 @@ _EXPORTS = {
     "MoELayer": "msmoe_dist.moe",
     "MoEOutput": "msmoe_dist.moe",
     "Router": "msmoe_dist.moe",
+    "Dispatcher": "msmoe_dist.moe",
     "LocalDispatcher": "msmoe_dist.moe",
     "MomentumUpdate": "msmoe_dist.momentum",
     "MomentumState": "msmoe_dist.momentum",
 }
 
 __all__ = [
+    "Dispatcher",
     "LocalDispatcher",
     "MoEConfig",
     "MoELayer",
@@ -48,7 +51,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below imports on demand
     from msmoe_dist.config import MoEConfig, MomentumConfig
-    from msmoe_dist.moe import LocalDispatcher, MoELayer, MoEOutput, Router
+    from msmoe_dist.moe import Dispatcher, LocalDispatcher, MoELayer, MoEOutput, Router
     from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
