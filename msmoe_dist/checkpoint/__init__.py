@@ -12,5 +12,15 @@ from msmoe_dist.checkpoint.manager import (
 )
 from msmoe_dist.checkpoint.meta import CheckpointError, CheckpointMeta, read_meta
 
-__all__ = ["CheckpointError", "CheckpointFiles", "CheckpointMeta", "Checkpointer", "is_complete",
-           "latest_checkpoint", "load_full_weights", "read_meta", "resolve_checkpoint", "torch_load"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointFiles",
+    "CheckpointMeta",
+    "Checkpointer",
+    "is_complete",
+    "latest_checkpoint",
+    "load_full_weights",
+    "read_meta",
+    "resolve_checkpoint",
+    "torch_load",
+]

@@ -22,11 +22,16 @@ def load_full_weights(step_dir: Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         dense = torch_load(step_dir / DEEPSPEED_MODEL)["module"]
         files = sorted(step_dir.glob(EXPERTS_GLOB))
         if len(files) != meta.layout["ep_size"]:
-            raise CheckpointError(f"{step_dir} has {len(files)} expert shard files, expected "
-                                  f"{meta.layout['ep_size']} (ep_size it was saved with)")
+            raise CheckpointError(
+                f"{step_dir} has {len(files)} expert shard files, expected "
+                f"{meta.layout['ep_size']} (ep_size it was saved with)"
+            )
         state = join_expert_shards([{**dense, **torch_load(f)["experts"]} for f in files])
     else:
         raise CheckpointError(f"{step_dir}: unknown engine {engine!r} in its metadata")
-    state = {k: (v.float() if torch.is_floating_point(v) else v) for k, v in state.items()
-             if not k.startswith(DEEPSPEED_MARKER_PREFIX)}
+    state = {
+        k: (v.float() if torch.is_floating_point(v) else v)
+        for k, v in state.items()
+        if not k.startswith(DEEPSPEED_MARKER_PREFIX)
+    }
     return state, meta

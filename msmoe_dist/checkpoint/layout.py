@@ -1,15 +1,15 @@
 """Every file name of a checkpoint, in one place.
 
-    <run_dir>/checkpoints/step_00000100/   one complete checkpoint:
-        complete.json               written last: the metadata (CheckpointMeta); its presence makes the directory a checkpoint
-        config.yaml                 the resolved configuration, for people (the metadata holds the same values)
-        state.pt                    native engine: model, optimiser, LR schedule, RNG
-        mp_rank_00_model_states.pt  deepspeed engine: DeepSpeed's own model file (dense weights, rank 0's experts)
-        *_optim_states.pt           ... DeepSpeed's optimiser partitions
-        experts_ep000.pt            ... the experts of expert-parallel rank 0 (one file per EP rank)
-        rank00000.pt                ... the RNG streams of rank 0 (one file per rank)
-    <run_dir>/checkpoints/latest    the name of the newest complete checkpoint
-    <run_dir>/checkpoints/.step_00000100.partial/   a save in progress (never read)
+<run_dir>/checkpoints/step_00000100/   one complete checkpoint:
+    complete.json               written last: the metadata (CheckpointMeta); its presence makes the directory a checkpoint
+    config.yaml                 the resolved configuration, for people (the metadata holds the same values)
+    state.pt                    native engine: model, optimiser, LR schedule, RNG
+    mp_rank_00_model_states.pt  deepspeed engine: DeepSpeed's own model file (dense weights, rank 0's experts)
+    *_optim_states.pt           ... DeepSpeed's optimiser partitions
+    experts_ep000.pt            ... the experts of expert-parallel rank 0 (one file per EP rank)
+    rank00000.pt                ... the RNG streams of rank 0 (one file per rank)
+<run_dir>/checkpoints/latest    the name of the newest complete checkpoint
+<run_dir>/checkpoints/.step_00000100.partial/   a save in progress (never read)
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class Checkpointer:
 
     def _prune(self, protect: str) -> None:
         steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        for old in steps[:-self.keep_last]:
+        for old in steps[: -self.keep_last]:
             if old.name != protect:
                 shutil.rmtree(old, ignore_errors=True)
 

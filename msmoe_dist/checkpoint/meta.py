@@ -42,14 +42,21 @@ class CheckpointMeta:
     @classmethod
     def from_dict(cls, d: dict) -> CheckpointMeta:
         rest = {k: v for k, v in d.items() if k not in ("step", "config", "parts", *LAYOUT_KEYS)}
-        return cls(step=int(d["step"]), layout={k: d.get(k) for k in LAYOUT_KEYS}, config=d.get("config", {}),
-                   data=rest, parts=d.get("parts", {}))
+        return cls(
+            step=int(d["step"]),
+            layout={k: d.get(k) for k in LAYOUT_KEYS},
+            config=d.get("config", {}),
+            data=rest,
+            parts=d.get("parts", {}),
+        )
 
     def layout_differences(self, now: dict) -> list[str]:
         """The layout keys a resume needs unchanged. The native engine keeps fp32 weights whatever
         train.dtype says, so there the dtype may change."""
         keys = [k for k in LAYOUT_KEYS if not (k == "dtype" and now.get("engine") == "native")]
-        return [f"{k}={now.get(k)} (checkpoint: {self.layout.get(k)})" for k in keys if self.layout.get(k) != now.get(k)]
+        return [
+            f"{k}={now.get(k)} (checkpoint: {self.layout.get(k)})" for k in keys if self.layout.get(k) != now.get(k)
+        ]
 
     def check_resume(self, where: Path, layout_now: dict, spec: ModelSpec) -> None:
         """One CheckpointError naming every key that stops a resume: the layout and the network."""
@@ -58,20 +65,26 @@ class CheckpointMeta:
         if layout or network:
             parts = []
             if network:
-                parts.append(f"the network differs: {', '.join(network)} (expected the same model/moe/momentum "
-                             "settings and vision shape keys; augmentation keys may change)")
+                parts.append(
+                    f"the network differs: {', '.join(network)} (expected the same model/moe/momentum "
+                    "settings and vision shape keys; augmentation keys may change)"
+                )
             if layout:
-                parts.append(f"the layout differs: {', '.join(layout)} (a resume needs the same engine, world size, "
-                             "EP degree, ZeRO stage and dtype; to continue at another layout start a new run with "
-                             "checkpoint.init_from=<checkpoint>, weights only)")
+                parts.append(
+                    f"the layout differs: {', '.join(layout)} (a resume needs the same engine, world size, "
+                    "EP degree, ZeRO stage and dtype; to continue at another layout start a new run with "
+                    "checkpoint.init_from=<checkpoint>, weights only)"
+                )
             raise CheckpointError(f"cannot resume {where.name}: {'; '.join(parts)}")
 
     def check_weights(self, where: Path, spec: ModelSpec) -> None:
         """For checkpoint.init_from: only the network must match (the layout may differ)."""
         network = spec.mismatches(self.config)
         if network:
-            raise CheckpointError(f"cannot resume from the weights of {where}: {', '.join(network)} "
-                                  "(expected the same model/moe/momentum settings and vision shape keys)")
+            raise CheckpointError(
+                f"cannot resume from the weights of {where}: {', '.join(network)} "
+                "(expected the same model/moe/momentum settings and vision shape keys)"
+            )
 
 
 def read_meta(step_dir: Path) -> CheckpointMeta:

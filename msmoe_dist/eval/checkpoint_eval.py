@@ -23,8 +23,9 @@ from msmoe_dist.parallel.runtime import pick_device
 def evaluate_checkpoint(req: EvalRequest) -> dict:
     bad = [s for s in req.splits if s not in LM_SPLITS]
     if bad or not req.splits:
-        raise CheckpointError(f"--splits {','.join(req.splits)!r}: expected a comma-separated subset of "
-                              f"{','.join(LM_SPLITS)}")
+        raise CheckpointError(
+            f"--splits {','.join(req.splits)!r}: expected a comma-separated subset of {','.join(LM_SPLITS)}"
+        )
     step_dir = resolve_checkpoint(req.checkpoint)
     weights, meta = load_full_weights(step_dir)  # every expert, whatever EP degree it was saved at
     cfg = config_from_dict(meta.config, source=str(step_dir / "complete.json"))
@@ -32,14 +33,18 @@ def evaluate_checkpoint(req: EvalRequest) -> dict:
         cfg.data.path = req.data_path
     if cfg.model.kind == "vit":
         if req.attack:
-            raise CheckpointError(f"{step_dir} holds a V-MoE image classifier: --attack is the language-model word "
-                                  "attack; expected --imagenet-a/--imagenet-r/--imagenet-c for robustness")
+            raise CheckpointError(
+                f"{step_dir} holds a V-MoE image classifier: --attack is the language-model word "
+                "attack; expected --imagenet-a/--imagenet-r/--imagenet-c for robustness"
+            )
         from msmoe_dist.eval.vision_eval import evaluate_vision_checkpoint
 
         return evaluate_vision_checkpoint(req, cfg, weights, meta, step_dir)
     if req.vision_flags():
-        raise CheckpointError(f"{step_dir} holds a language model: {', '.join(req.vision_flags())} apply to V-MoE "
-                              "checkpoints (model.kind=vit) only")
+        raise CheckpointError(
+            f"{step_dir} holds a language model: {', '.join(req.vision_flags())} apply to V-MoE "
+            "checkpoints (model.kind=vit) only"
+        )
     corpus = load_corpus(cfg.data, splits=tuple(req.splits))
     if corpus.vocab.sha256() != meta.data.get("vocab_sha256"):
         raise CheckpointError(

@@ -16,7 +16,7 @@ def evaluate_tokens(ev: Evaluator, stream: torch.Tensor, batch_size: int, seq_le
     """Batches are dealt round-robin to ranks; a rank without a batch still runs a forward on a dummy
     one (uncounted), because every rank of an expert-parallel group must join every all-to-all."""
     batches = list(eval_batches(stream, batch_size, seq_len, max_batches))
-    mine = batches[ev.rank::ev.world_size]
+    mine = batches[ev.rank :: ev.world_size]
     rounds = math.ceil(len(batches) / ev.world_size)
     nll = count = 0.0
     with ev.evaluating():
@@ -30,7 +30,8 @@ def evaluate_tokens(ev: Evaluator, stream: torch.Tensor, batch_size: int, seq_le
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(count)}
 
 
-def evaluate_lm(model: nn.Module, stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int, device,
-                dtype: str = "fp32") -> dict:
+def evaluate_lm(
+    model: nn.Module, stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int, device, dtype: str = "fp32"
+) -> dict:
     """evaluate_tokens for a plain model in one process."""
     return evaluate_tokens(LocalEvaluator(model, device, dtype), stream, batch_size, seq_len, max_batches)

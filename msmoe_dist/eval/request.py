@@ -28,6 +28,10 @@ class EvalRequest:
 
     def vision_flags(self) -> list[str]:
         """The V-MoE dataset flags that were given, as the command line spells them."""
-        given = {"imagenet_val": self.imagenet_val, "imagenet_a": self.imagenet_a, "imagenet_r": self.imagenet_r,
-                 "imagenet_c": self.imagenet_c}
+        given = {
+            "imagenet_val": self.imagenet_val,
+            "imagenet_a": self.imagenet_a,
+            "imagenet_r": self.imagenet_r,
+            "imagenet_c": self.imagenet_c,
+        }
         return [f"--{name.replace('_', '-')}" for name in VISION_SETS if given[name]]

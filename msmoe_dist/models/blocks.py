@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from msmoe_dist.config.schema import ModelConfig, MoEConfig
 from msmoe_dist.models.attention import SelfAttention
-from msmoe_dist.moe import ACTIVATIONS, Dispatcher, MoELayer
+from msmoe_dist.moe import ACTIVATIONS, MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -39,8 +39,7 @@ class Block(nn.Module):
     index), or None for a dense block."""
 
     def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_layer_index: int | None,
-                 vocab_size: int | None = None, causal: bool = True, dense_activation: str = "relu", *,
-                 dispatcher: Dispatcher | None = None):  # transitional: see MoELanguageModel
+                 vocab_size: int | None = None, causal: bool = True, dense_activation: str = "relu"):
         super().__init__()
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
@@ -52,7 +51,7 @@ class Block(nn.Module):
         if moe_layer_index is None:
             self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout, dense_activation)
         else:
-            self.moe = MoELayer(d, moe_cfg, dispatcher=dispatcher, init_std=mcfg.init_std, vocab_size=vocab_size)
+            self.moe = MoELayer(d, moe_cfg, init_std=mcfg.init_std, vocab_size=vocab_size)
             if not self.pre_ln:
                 self.moe_norm = nn.LayerNorm(d)  # the reference's inner LayerNorm
 

@@ -14,7 +14,7 @@ from msmoe_dist.config.moe_placement import lm_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models.blocks import Block
 from msmoe_dist.models.output import build_head, output_logits, output_loss
-from msmoe_dist.moe import Dispatcher, MoELayer
+from msmoe_dist.moe import MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -33,12 +33,9 @@ class MoELanguageModel(nn.Module):
         moe_cfg: MoEConfig,
         mom_cfg: MomentumConfig,
         vocab_size: int,
-        *,
-        dispatcher: Dispatcher | None = None,
     ):
         """Built on one device with every expert; expert parallelism is applied afterwards
-        (msmoe_dist.parallel.apply_expert_parallel). ``dispatcher`` is transitional, for the DeepSpeed
-        engine until it builds once and calls apply_expert_parallel: do not use it in new code."""
+        (msmoe_dist.parallel.apply_expert_parallel)."""
         super().__init__()
         self.vocab_size = vocab_size
         self.max_seq_len = mcfg.max_seq_len
@@ -52,7 +49,7 @@ class MoELanguageModel(nn.Module):
             idx = None
             if i in moe_blocks:
                 idx, n_moe = n_moe, n_moe + 1
-            blocks.append(Block(mcfg, moe_cfg, idx, dispatcher=dispatcher, vocab_size=vocab_size))
+            blocks.append(Block(mcfg, moe_cfg, idx, vocab_size=vocab_size))
         self.blocks = nn.ModuleList(blocks)
         self.momentum = MomentumUpdate(mom_cfg, n_moe)
         # The reference's post-LN blocks end normalised; pre-LN needs a final LayerNorm.

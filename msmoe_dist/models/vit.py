@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from msmoe_dist.config.moe_placement import vit_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig, VisionConfig
 from msmoe_dist.models.blocks import Block
-from msmoe_dist.moe import Dispatcher, MoELayer
+from msmoe_dist.moe import MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -42,11 +42,9 @@ def classification_loss(logits_BK: Tensor, targets: Tensor, reduction: str = "me
 
 
 class VisionMoE(nn.Module):
-    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, mom_cfg: MomentumConfig, vcfg: VisionConfig, *,
-                 dispatcher: Dispatcher | None = None):
+    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, mom_cfg: MomentumConfig, vcfg: VisionConfig):
         """Built on one device with every expert; expert parallelism is applied afterwards
-        (msmoe_dist.parallel.apply_expert_parallel). ``dispatcher`` is transitional, for train/'s
-        build_model until it stops passing one: do not use it in new code."""
+        (msmoe_dist.parallel.apply_expert_parallel)."""
         super().__init__()
         d, p = mcfg.d_model, vcfg.patch_size
         self.image_size, self.num_classes = vcfg.image_size, vcfg.num_classes
@@ -60,7 +58,7 @@ class VisionMoE(nn.Module):
         blocks = []
         for i in range(mcfg.num_layers):
             idx = self.moe_blocks.index(i) if i in self.moe_blocks else None
-            blocks.append(Block(mcfg, moe_cfg, idx, dispatcher=dispatcher, causal=False,
+            blocks.append(Block(mcfg, moe_cfg, idx, causal=False,
                                 dense_activation=moe_cfg.activation))
         self.blocks = nn.ModuleList(blocks)
         self.momentum = MomentumUpdate(mom_cfg, len(self.moe_blocks))

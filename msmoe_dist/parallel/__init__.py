@@ -6,8 +6,6 @@ from msmoe_dist.parallel.expert_parallel import apply_expert_parallel  # noqa: F
 from msmoe_dist.parallel.groups import (  # noqa: F401
     ProcessGroups,
     build_process_groups,
-    env_rank_world,
-    init_distributed,
 )
 from msmoe_dist.parallel.layout import LayoutError, ParallelLayout  # noqa: F401
 from msmoe_dist.parallel.sharding import is_expert_key, join_expert_shards, shard_expert_state  # noqa: F401

@@ -8,10 +8,8 @@ expert-data-parallel groups from the `ProcessGroups` bundle.
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from msmoe_dist.parallel.layout import ParallelLayout
@@ -32,20 +30,6 @@ class ProcessGroups:
     @property
     def edp_rank(self) -> int:
         return self.layout.edp_rank(self.rank)
-
-
-def env_rank_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun / the deepspeed launcher, or (0, 1, 0)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:
-    """Initialises the default process group from the environment (idempotent)."""
-    if dist.is_initialized():
-        return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def build_process_groups(layout: ParallelLayout, rank: int, timeout_s: float = 300.0) -> ProcessGroups:

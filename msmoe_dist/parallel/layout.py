@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from msmoe_dist.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError):
     """Degrees that do not fit together (one-line message)."""
 
 

@@ -1,14 +1,14 @@
 """What DeepSpeed's MoE support keys on (DeepSpeed 0.19), given to a model whose MoE layers are ours.
 
-  * every expert parameter carries `allreduce=False` and `group_name="ep_size_<P>"`, and our own EP
-    and expert-data-parallel (EDP) groups are registered under that name in `deepspeed.utils.groups`,
-    so expert gradients are summed over EDP only and divided by the world size (the global-batch
-    mean), never averaged across different experts;
-  * the optimiser's expert parameter groups carry `moe=True` and that name, so ZeRO partitions them
-    over EDP;
-  * a parameter-free `MoE` subclass marks the model, which switches on DeepSpeed's MoE paths
-    (expert-aware gradient norm in ZeRO, per-EP-rank optimiser files at stage 0, no broadcast of
-    rank 0's experts over the whole world at start-up).
+* every expert parameter carries `allreduce=False` and `group_name="ep_size_<P>"`, and our own EP
+  and expert-data-parallel (EDP) groups are registered under that name in `deepspeed.utils.groups`,
+  so expert gradients are summed over EDP only and divided by the world size (the global-batch
+  mean), never averaged across different experts;
+* the optimiser's expert parameter groups carry `moe=True` and that name, so ZeRO partitions them
+  over EDP;
+* a parameter-free `MoE` subclass marks the model, which switches on DeepSpeed's MoE paths
+  (expert-aware gradient norm in ZeRO, per-EP-rank optimiser files at stage 0, no broadcast of
+  rank 0's experts over the whole world at start-up).
 """
 
 from __future__ import annotations

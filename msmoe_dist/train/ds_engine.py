@@ -31,8 +31,16 @@ from msmoe_dist.train.optim import build_optimizer, build_scheduler, param_group
 class DeepSpeedEngine:
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, pg: ProcessGroups, num_experts: int, optim: OptimConfig, train: TrainConfig,
-                 parallel: ParallelConfig, micro_batch_size: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        pg: ProcessGroups,
+        num_experts: int,
+        optim: OptimConfig,
+        train: TrainConfig,
+        parallel: ParallelConfig,
+        micro_batch_size: int,
+    ):
         import deepspeed
 
         self.pg, self.num_experts, self.dtype = pg, num_experts, train.dtype
@@ -142,20 +150,37 @@ class DeepSpeedEngine:
 
     # ---- checkpoint files --------------------------------------------------------------------
     def layout_meta(self) -> dict:
-        return {"engine": self.name, "world_size": self.world_size, "ep_size": self.pg.layout.ep_size,
-                "zero_stage": self.stage, "dtype": self.dtype}
+        return {
+            "engine": self.name,
+            "world_size": self.world_size,
+            "ep_size": self.pg.layout.ep_size,
+            "zero_stage": self.stage,
+            "dtype": self.dtype,
+        }
 
     def save_files(self, step_dir: Path) -> None:
         self.engine.save_checkpoint(str(step_dir.parent), tag=step_dir.name, save_latest=False)
         if self.pg.edp_rank == 0:  # one writer per set of experts
             experts = {n: p.detach().cpu() for n, p in self.model.named_parameters() if is_expert_param(p)}
-            torch.save({"ep_rank": self.pg.ep_rank, "ep_size": self.pg.layout.ep_size,
-                        "num_experts": self.num_experts, "experts": experts}, step_dir / experts_file(self.pg.ep_rank))
+            torch.save(
+                {
+                    "ep_rank": self.pg.ep_rank,
+                    "ep_size": self.pg.layout.ep_size,
+                    "num_experts": self.num_experts,
+                    "experts": experts,
+                },
+                step_dir / experts_file(self.pg.ep_rank),
+            )
         torch.save({"rng": rng_state()}, step_dir / rank_file(self.rank))
 
     def load_files(self, step_dir: Path, meta: CheckpointMeta) -> None:
-        path, _ = self.engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, _ = self.engine.load_checkpoint(
+            str(step_dir.parent),
+            tag=step_dir.name,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {step_dir}")
         shard = torch_load(step_dir / experts_file(self.pg.ep_rank))

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from msmoe_dist.checkpoint import Checkpointer, CheckpointMeta
 from msmoe_dist.config.schema import CheckpointConfig, LoggingConfig, TrainConfig
-from msmoe_dist.moe.fluctuation import FluctuationRecorder
 from msmoe_dist.moe.stats import MoEStats
 from msmoe_dist.train.engine import Engine, StepResult
 from msmoe_dist.train.errors import NonFiniteLoss
 from msmoe_dist.train.metrics import MetricsLogger
+from msmoe_dist.train.routing_fluctuation import FluctuationRecorder
 from msmoe_dist.train.tasks import Task
 
 
@@ -100,8 +100,9 @@ class Trainer:
             if self.logger is not None:
                 self.logger.close()
         final.update({k.replace("val.", "val_"): v for k, v in ev.items()})
-        final.update({**task.extra_scalars(), "checkpoint": str(last_ckpt), "rank": engine.rank,
-                      "world_size": engine.world_size})
+        final.update(
+            {**task.extra_scalars(), "checkpoint": str(last_ckpt), "rank": engine.rank, "world_size": engine.world_size}
+        )
         return final
 
     def _log(self, step: int, row: dict) -> None:
@@ -115,5 +116,6 @@ class Trainer:
 def _progress(start: int, total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=start, disable=not enabled, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
+    )

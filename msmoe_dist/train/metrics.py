@@ -16,8 +16,9 @@ class MetricsLogger:
     trace. TensorBoard drops its events past the step (purge_step).
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None,
-                 resume_state: dict | None = None):
+    def __init__(
+        self, run_dir: Path, tensorboard: bool, resume_step: int | None = None, resume_state: dict | None = None
+    ):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             self._cut(resume_step, (resume_state or {}).get("bytes"))

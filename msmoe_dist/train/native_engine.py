@@ -59,8 +59,15 @@ class NativeEngine(LocalEvaluator):
         return {"engine": self.name, "world_size": 1, "ep_size": 1, "zero_stage": None, "dtype": self.dtype}
 
     def save_files(self, step_dir: Path) -> None:
-        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                    "scheduler": self.sched.state_dict(), "rng": rng_state()}, step_dir / NATIVE_STATE)
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "rng": rng_state(),
+            },
+            step_dir / NATIVE_STATE,
+        )
 
     def load_files(self, step_dir: Path, meta: CheckpointMeta) -> None:
         state = torch_load(step_dir / NATIVE_STATE)

@@ -24,8 +24,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(p))
         expert = is_expert_param(p)  # a tag set where experts are built
-        no_decay = (p.ndim < 2 or "emb" in name or "norm" in name or "momentum_" in name
-                    or "cls_token" in name or (expert and name.endswith((".b1", ".b2"))))
+        no_decay = (
+            p.ndim < 2
+            or "emb" in name
+            or "norm" in name
+            or "momentum_" in name
+            or "cls_token" in name
+            or (expert and name.endswith((".b1", ".b2")))
+        )
         groups.setdefault((expert, no_decay), []).append(p)
     out = []
     for (expert, no_decay), params in sorted(groups.items()):

@@ -21,8 +21,8 @@ from msmoe_dist.config.schema import (
     Config,
     DataConfig,
     ModelConfig,
-    MomentumConfig,
     MoEConfig,
+    MomentumConfig,
     TrainConfig,
     VisionConfig,
 )
@@ -116,8 +116,9 @@ class LMTask:
         from msmoe_dist.data import training_batch
 
         d, G = self.data, self.train.grad_accum_steps
-        micro = [training_batch(d, self.corpus.train, step * G + m, self.train.seed, self.rank, self.world)
-                 for m in range(G)]
+        micro = [
+            training_batch(d, self.corpus.train, step * G + m, self.train.seed, self.rank, self.world) for m in range(G)
+        ]
         return micro, d.batch_size * d.seq_len * G * self.world
 
     def evaluate(self, ev: Evaluator) -> dict:
@@ -152,8 +153,9 @@ class VisionTask:
         d, v = self.data, self.vision
         root = ensure_synthetic_images(d.path, v) if d.kind == "synthetic_images" else Path(d.path)
         self.train_set = ImageFolderDataset(Path(root) / "train", v.num_classes, train_transform(v))
-        self.val_set = ImageFolderDataset(Path(root) / "val", v.num_classes, eval_transform(v),
-                                          class_to_idx=self.train_set.class_to_idx)
+        self.val_set = ImageFolderDataset(
+            Path(root) / "val", v.num_classes, eval_transform(v), class_to_idx=self.train_set.class_to_idx
+        )
 
     def num_outputs(self) -> int:
         return self.vision.num_classes
@@ -169,8 +171,17 @@ class VisionTask:
 
         self.rank, self.world = rank, world
         G = self.train.grad_accum_steps
-        self.loader = iter(train_loader(self.train_set, self.data.batch_size, self.train.seed,
-                                        start_step * G, rank, world, self.vision.num_workers))
+        self.loader = iter(
+            train_loader(
+                self.train_set,
+                self.data.batch_size,
+                self.train.seed,
+                start_step * G,
+                rank,
+                world,
+                self.vision.num_workers,
+            )
+        )
 
     def micro_batches(self, step: int) -> tuple[list, int]:
         from msmoe_dist.data.images import mixup
@@ -180,11 +191,13 @@ class VisionTask:
         for m in range(G):
             batch = next(self.loader)
             self.unreadable += batch.num_unreadable
-            for i in batch.unreadable_indices[:max(0, 20 - self.reported)]:
+            for i in batch.unreadable_indices[: max(0, 20 - self.reported)]:
                 self.reported += 1
-                print(f"msmoe-train: rank {self.rank}: skipped unreadable image {self.train_set.path(int(i))}"
-                      + (" (further ones are only counted: data.unreadable_images)" if self.reported == 20 else ""),
-                      file=sys.stderr)
+                print(
+                    f"msmoe-train: rank {self.rank}: skipped unreadable image {self.train_set.path(int(i))}"
+                    + (" (further ones are only counted: data.unreadable_images)" if self.reported == 20 else ""),
+                    file=sys.stderr,
+                )
             x, y = batch.images, batch.labels
             if v.mixup_alpha > 0:
                 gen = torch.Generator().manual_seed(hash((self.train.seed, step * G + m, self.rank)) % 2**63)
@@ -197,9 +210,13 @@ class VisionTask:
         """Top-1/top-5 and loss over the validation folder (each image once across ranks)."""
         from msmoe_dist.eval.vision_eval import evaluate_images
 
-        res = evaluate_images(ev, dataset or self.val_set, self.data.batch_size,
-                              self.train.eval_batches if max_batches is None else max_batches,
-                              self.vision.num_workers)
+        res = evaluate_images(
+            ev,
+            dataset or self.val_set,
+            self.data.batch_size,
+            self.train.eval_batches if max_batches is None else max_batches,
+            self.vision.num_workers,
+        )
         return {"val.loss": res["loss"], "val.top1": res["top1"], "val.top5": res["top5"]}
 
     def extra_scalars(self) -> dict:

@@ -14,17 +14,23 @@ from pathlib import Path
 
 import torch
 
-from msmoe_dist.checkpoint import Checkpointer, CheckpointMeta, latest_checkpoint, load_full_weights, read_meta
-from msmoe_dist.checkpoint import resolve_checkpoint
+from msmoe_dist.checkpoint import (
+    Checkpointer,
+    CheckpointMeta,
+    latest_checkpoint,
+    load_full_weights,
+    read_meta,
+    resolve_checkpoint,
+)
 from msmoe_dist.config.loader import config_to_dict, config_to_yaml, save_config
 from msmoe_dist.config.model_spec import ModelSpec
 from msmoe_dist.config.schema import Config, ParallelConfig, TrainConfig
-from msmoe_dist.moe.fluctuation import FluctuationRecorder
 from msmoe_dist.parallel.runtime import Runtime
 from msmoe_dist.train.engine import Engine
 from msmoe_dist.train.errors import NonFiniteLoss, TrainError
 from msmoe_dist.train.loop import Trainer
 from msmoe_dist.train.metrics import MetricsLogger
+from msmoe_dist.train.routing_fluctuation import FluctuationRecorder
 from msmoe_dist.train.tasks import Task, make_task
 
 
@@ -34,11 +40,15 @@ def engine_kind(pcfg: ParallelConfig, world_size: int) -> str:
     if kind == "auto":
         kind = "deepspeed" if world_size > 1 else "native"
     if kind == "native" and world_size > 1:
-        raise TrainError(f"parallel.engine=native runs one process, but WORLD_SIZE={world_size} "
-                         "(expected parallel.engine=deepspeed or auto)")
+        raise TrainError(
+            f"parallel.engine=native runs one process, but WORLD_SIZE={world_size} "
+            "(expected parallel.engine=deepspeed or auto)"
+        )
     if kind == "native" and pcfg.ep_size > 1:
-        raise TrainError(f"parallel.ep_size={pcfg.ep_size} needs several processes (launch with torchrun "
-                         "or the deepspeed launcher); expected parallel.ep_size=1 for one process")
+        raise TrainError(
+            f"parallel.ep_size={pcfg.ep_size} needs several processes (launch with torchrun "
+            "or the deepspeed launcher); expected parallel.ep_size=1 for one process"
+        )
     return kind
 
 
@@ -48,8 +58,9 @@ def find_resume_point(train: TrainConfig) -> Path | None:
     latest = latest_checkpoint(run_dir / "checkpoints")
     if train.resume:
         if latest is None:
-            raise TrainError(f"train.resume=true but {run_dir / 'checkpoints'} holds no complete checkpoint "
-                             "(check train.run_dir)")
+            raise TrainError(
+                f"train.resume=true but {run_dir / 'checkpoints'} holds no complete checkpoint (check train.run_dir)"
+            )
         return latest
     if train.auto_resume:
         return latest
@@ -130,12 +141,25 @@ def run(cfg: Config) -> dict:
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        logger = MetricsLogger(run_dir, cfg.logging.tensorboard, resume_step=resumed and resumed.step,
-                               resume_state=resumed and resumed.parts.get("metrics"))
+        logger = MetricsLogger(
+            run_dir,
+            cfg.logging.tensorboard,
+            resume_step=resumed and resumed.step,
+            resume_state=resumed and resumed.parts.get("metrics"),
+        )
     lg = cfg.logging
-    recorder = FluctuationRecorder(lg.fluct_every, lg.fluct_tokens, task.probe_stream, cfg.data.seq_len,
-                                   cfg.data.batch_size, cfg.train.max_steps, run_dir, engine.is_main,
-                                   cfg.train.dtype == "bf16", resumed and resumed.step)
+    recorder = FluctuationRecorder(
+        lg.fluct_every,
+        lg.fluct_tokens,
+        task.probe_stream,
+        cfg.data.seq_len,
+        cfg.data.batch_size,
+        cfg.train.max_steps,
+        run_dir,
+        engine.is_main,
+        cfg.train.dtype == "bf16",
+        resumed and resumed.step,
+    )
     config = config_to_dict(cfg)
     data = task.data_fingerprint()
 
@@ -143,14 +167,36 @@ def run(cfg: Config) -> dict:
         parts = {"metrics": logger.state_dict()} if logger is not None else {}
         return CheckpointMeta(step, engine.layout_meta(), config, data, parts)
 
-    trainer = Trainer(engine, task, Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, engine.is_main,
-                                                 engine.barrier),
-                      logger, recorder, cfg.train, cfg.logging, cfg.checkpoint, meta_at, config_to_yaml(cfg),
-                      recorder_title=cfg.moe.router)
+    trainer = Trainer(
+        engine,
+        task,
+        Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, engine.is_main, engine.barrier),
+        logger,
+        recorder,
+        cfg.train,
+        cfg.logging,
+        cfg.checkpoint,
+        meta_at,
+        config_to_yaml(cfg),
+        recorder_title=cfg.moe.router,
+    )
     final = trainer.fit(start)
-    final.update({"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"),
-                  "tensorboard": str(run_dir / "tensorboard")})
+    final.update(
+        {
+            "run_dir": str(run_dir),
+            "metrics": str(run_dir / "metrics.jsonl"),
+            "tensorboard": str(run_dir / "tensorboard"),
+        }
+    )
     return final
 
 
-__all__ = ["run", "engine_kind", "find_resume_point", "build_initial_model", "build_engine", "TrainError", "NonFiniteLoss"]
+__all__ = [
+    "run",
+    "engine_kind",
+    "find_resume_point",
+    "build_initial_model",
+    "build_engine",
+    "TrainError",
+    "NonFiniteLoss",
+]

@@ -7,7 +7,8 @@ import torch
 
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models import MoELanguageModel
-from msmoe_dist.moe.fluctuation import PLOT_FILE, SNAPSHOT_FILE, FluctuationRecorder, fixed_windows, routing_fluctuation
+from msmoe_dist.moe.fluctuation import PLOT_FILE, SNAPSHOT_FILE, routing_fluctuation
+from msmoe_dist.train.routing_fluctuation import FluctuationRecorder, fixed_windows
 
 # Five tokens checked at steps 10..40; the last column is each token's final expert.
 #   t0 0 0 0 0   never differs                    -> -1
