@@ -1,7 +1,7 @@
 """Every file name of a checkpoint, in one place.
 
 <run_dir>/checkpoints/step_00000100/   one complete checkpoint:
-    complete.json               written last: the metadata (CheckpointMeta); its presence makes the directory a checkpoint
+    complete.json               written last: the metadata (CheckpointMeta); makes the directory a checkpoint
     config.yaml                 the resolved configuration, for people (the metadata holds the same values)
     state.pt                    native engine: model, optimiser, LR schedule, RNG
     mp_rank_00_model_states.pt  deepspeed engine: DeepSpeed's own model file (dense weights, rank 0's experts)

@@ -14,8 +14,9 @@ from msmoe_dist.moe import is_expert_param
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Four groups: {dense, expert} x {decay, no decay}.
 
-    No decay for biases, norms, embeddings (ViT: position table, class token), the experts' stacked [E, F] biases and the momentum coefficients: decaying mu/gamma
-    towards 0 would silently turn MomentumSMoE back into SMoE.
+    No decay for biases, norms, embeddings (ViT: position table, class token), the experts' stacked
+    [E, F] biases and the momentum coefficients: decaying mu/gamma towards 0 would silently turn
+    MomentumSMoE back into SMoE.
     """
     groups: dict[tuple[bool, bool], list] = {}  # (expert, no decay) -> parameters
     seen: set[int] = set()

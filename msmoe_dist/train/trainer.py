@@ -192,11 +192,11 @@ def run(cfg: Config) -> dict:
 
 
 __all__ = [
-    "run",
+    "NonFiniteLoss",
+    "TrainError",
+    "build_engine",
+    "build_initial_model",
     "engine_kind",
     "find_resume_point",
-    "build_initial_model",
-    "build_engine",
-    "TrainError",
-    "NonFiniteLoss",
+    "run",
 ]
