@@ -111,13 +111,13 @@ def measure_one_step(spec: dict) -> dict:
 
     from msmoe_dist.config.loader import load_config
     from msmoe_dist.models import MoELanguageModel
-    from msmoe_dist.train.optim import build_optimizer
+    from msmoe_dist.train.optim import build_optimizer, param_groups
 
     cfg = load_config(spec["config"], _overrides(spec))
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     model = MoELanguageModel(cfg.model, cfg.moe, cfg.momentum, spec["vocab"]).to(device)
-    opt = build_optimizer(model, cfg.optim)
+    opt = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim)
     B, S = cfg.data.batch_size, cfg.data.seq_len
     idx = zipf_ids(spec["vocab"], B * (S + 1)).view(B, S + 1).to(device)
     x, y = idx[:, :-1], idx[:, 1:]

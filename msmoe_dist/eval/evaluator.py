@@ -25,7 +25,9 @@ def autocast_ctx(device: torch.device, dtype: str):
 class Evaluator(Protocol):
     rank: int
     world_size: int
-    model: nn.Module
+
+    @property
+    def model(self) -> nn.Module: ...
 
     def evaluating(self) -> contextlib.AbstractContextManager[None]: ...  # eval mode, restored afterwards
 

@@ -8,6 +8,7 @@ Legend: B images, C classes of the classifier, S classes of a subset (ImageNet-A
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from msmoe_dist.eval.robustness import LabelSubset, discover_imagenet_c, format_
 
 
 @torch.no_grad()
-def evaluate_images(engine: Evaluator, dataset, batch_size: int, max_batches: int, num_workers: int,
+def evaluate_images(engine: Evaluator, dataset, image_size: int, batch_size: int, max_batches: int, num_workers: int,
                     subset: LabelSubset | None = None) -> dict:
     """Loss, top-1 and top-5 accuracy of ``engine``'s model on ``dataset`` (an ImageFolderDataset).
 
@@ -44,8 +45,7 @@ def evaluate_images(engine: Evaluator, dataset, batch_size: int, max_batches: in
             if batch is not None:
                 unreadable += batch.num_unreadable
             if batch is None or batch.images.shape[0] == 0:
-                size = engine.model.image_size
-                engine.eval_forward(torch.zeros(1, 3, size, size))
+                engine.eval_forward(torch.zeros(1, 3, image_size, image_size))
                 continue
             logits_BC = engine.eval_forward(batch.images).logits.float()
             labels_B = batch.labels.to(logits_BC.device)
@@ -91,7 +91,7 @@ def evaluate_vision_checkpoint(req: EvalRequest, cfg, weights: dict, meta: Check
 
     def score(root, subset=None, class_to_idx=None) -> dict:
         data = ImageFolderDataset(root, v.num_classes, transform, class_to_idx=class_to_idx)
-        return evaluate_images(ev, data, bs, req.batches, req.workers, subset)
+        return evaluate_images(ev, data, v.image_size, bs, req.batches, req.workers, subset)
 
     # Folders named by other than ImageNet wnids are numbered as in training (the run's sorted classes).
     trained = list(meta.data.get("classes") or [])
@@ -113,7 +113,7 @@ def evaluate_vision_checkpoint(req: EvalRequest, cfg, weights: dict, meta: Check
             result[name] = summary(score(root, LabelSubset.from_name(name, IMAGENET_WNIDS)))
     if req.imagenet_c:
         folders = discover_imagenet_c(req.imagenet_c)
-        errors = {c: {s: 1.0 - score(path)["top1"] for s, path in sevs.items()} for c, sevs in folders.items()}
+        errors: dict[str, Mapping[int | str, float]] = {c: {s: 1.0 - score(path)["top1"] for s, path in sevs.items()} for c, sevs in folders.items()}
         clean = result["val"]["top1_error"] if "val" in result else None
         result["imagenet_c"] = mce(errors, clean_error=clean)
     if len(result) == 2:

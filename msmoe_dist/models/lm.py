@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from msmoe_dist.config.moe_placement import lm_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
+from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
 from msmoe_dist.models.output import build_head, output_logits, output_loss
 from msmoe_dist.moe import MoELayer
@@ -26,7 +27,7 @@ class LMOutput:
     stats: list[dict] | None  # per MoE layer, when collect_stats
 
 
-class MoELanguageModel(nn.Module):
+class MoELanguageModel(MoEModel):
     def __init__(
         self,
         mcfg: ModelConfig,
@@ -73,16 +74,6 @@ class MoELanguageModel(nn.Module):
     @property
     def num_moe_layers(self) -> int:
         return self.momentum.num_moe_layers
-
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE layers, in block order."""
-        return [block.moe for block in self.blocks if block.is_moe]
-
-    def set_step(self, step: int) -> None:
-        """Tells the MoE layers (StableMoE's two stages) the 0-based optimiser step about to be taken;
-        the trainer calls it before every step. Evaluation behaves as the last step set."""
-        for layer in self.moe_layers():
-            layer.set_step(step)
 
     def forward(
         self,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from msmoe_dist.config.moe_placement import vit_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig, VisionConfig
+from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
 from msmoe_dist.moe import MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
@@ -41,7 +42,7 @@ def classification_loss(logits_BK: Tensor, targets: Tensor, reduction: str = "me
     return F.cross_entropy(logits_BK, targets, reduction=reduction)
 
 
-class VisionMoE(nn.Module):
+class VisionMoE(MoEModel):
     def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, mom_cfg: MomentumConfig, vcfg: VisionConfig):
         """Built on one device with every expert; expert parallelism is applied afterwards
         (msmoe_dist.parallel.apply_expert_parallel)."""
@@ -80,15 +81,6 @@ class VisionMoE(nn.Module):
     @property
     def num_moe_layers(self) -> int:
         return self.momentum.num_moe_layers
-
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE layers, in block order."""
-        return [block.moe for block in self.blocks if block.is_moe]
-
-    def set_step(self, step: int) -> None:
-        """As the language model's: tells the MoE layers the 0-based optimiser step about to be taken."""
-        for layer in self.moe_layers():
-            layer.set_step(step)
 
     def forward(self, images_BCHW: Tensor, targets: Tensor | None = None, collect_stats: bool = False,
                 reduction: str = "mean") -> VisionOutput:

@@ -19,9 +19,9 @@ from msmoe_dist.parallel.layout import ParallelLayout
 class ProcessGroups:
     layout: ParallelLayout
     rank: int
-    dp: object  # all ranks (dense gradients)
-    ep: object  # this rank's expert-parallel group (all-to-all)
-    edp: object  # this rank's expert-data-parallel group (expert gradients)
+    dp: dist.ProcessGroup | None  # all ranks (dense gradients); None: the default group
+    ep: dist.ProcessGroup | None  # this rank's expert-parallel group (all-to-all)
+    edp: dist.ProcessGroup | None  # this rank's expert-data-parallel group (expert gradients)
 
     @property
     def ep_rank(self) -> int:
@@ -44,9 +44,11 @@ def build_process_groups(layout: ParallelLayout, rank: int, timeout_s: float = 3
     for ranks in layout.ep_groups():
         g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
+            assert isinstance(g, dist.ProcessGroup)  # a member gets the group; others a sentinel
             ep_mine = g
     for ranks in layout.edp_groups():
         g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
+            assert isinstance(g, dist.ProcessGroup)
             edp_mine = g
     return ProcessGroups(layout=layout, rank=rank, dp=dist.group.WORLD, ep=ep_mine, edp=edp_mine)

@@ -61,6 +61,7 @@ def prepare_for_deepspeed(model: nn.Module, pg: ProcessGroups, num_experts: int)
     register_groups(pg, name)
     for p in model.parameters():
         if is_expert_param(p):
-            p.allreduce, p.group_name = False, name
+            p.allreduce = False  # type: ignore[attr-defined]  # DeepSpeed reads these two attributes
+            p.group_name = name  # type: ignore[attr-defined]
     model.add_module(DEEPSPEED_MARKER_PREFIX.rstrip("."), _marker_class()(num_experts, pg.layout.ep_size, name))
     return name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 from msmoe_dist.config.schema import OptimConfig, ParallelConfig, TrainConfig
 from msmoe_dist.errors import UserError
@@ -26,7 +27,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def build_ds_config(parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig, micro_batch_size: int) -> dict:
     stage = parallel.zero_stage
-    ds = {
+    ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         # Stage 0: DeepSpeed's clipping would use a rank-local norm that misses the other ranks'

@@ -18,6 +18,7 @@ import torch
 
 from msmoe_dist.checkpoint import CheckpointMeta
 from msmoe_dist.eval.evaluator import Evaluator
+from msmoe_dist.models.base import MoEModel
 from msmoe_dist.train.errors import NonFiniteLoss
 
 __all__ = ["Engine", "NonFiniteLoss", "StepResult", "objective", "rng_state", "set_rng_state"]
@@ -40,6 +41,9 @@ class Engine(Evaluator, Protocol):
     name: str
     is_main: bool
     device: torch.device
+
+    @property
+    def model(self) -> MoEModel: ...  # the (parallel) model, unwrapped
 
     def set_step(self, step: int) -> None: ...  # the 0-based optimiser step about to be taken
 

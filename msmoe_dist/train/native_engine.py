@@ -10,6 +10,7 @@ from msmoe_dist.checkpoint import CheckpointMeta, torch_load
 from msmoe_dist.checkpoint.layout import NATIVE_STATE
 from msmoe_dist.config.schema import OptimConfig, TrainConfig
 from msmoe_dist.eval.evaluator import LocalEvaluator, autocast_ctx
+from msmoe_dist.models.base import MoEModel
 from msmoe_dist.train.engine import NonFiniteLoss, StepResult, objective, rng_state, set_rng_state
 from msmoe_dist.train.optim import build_optimizer, build_scheduler, param_groups
 
@@ -18,8 +19,9 @@ class NativeEngine(LocalEvaluator):
     name = "native"
     is_main = True
 
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig, train: TrainConfig, device: torch.device):
+    def __init__(self, model: MoEModel, optim: OptimConfig, train: TrainConfig, device: torch.device):
         super().__init__(model.to(device), device, train.dtype)
+        self.model: MoEModel = model
         self.opt = build_optimizer(param_groups(model, optim.weight_decay), optim)
         self.sched = build_scheduler(self.opt, optim, train.max_steps)
         self.params = [p for p in model.parameters() if p.requires_grad]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from msmoe_dist.models.base import MoEModel
 from msmoe_dist.moe.fluctuation import PLOT_FILE, SNAPSHOT_FILE, Fluctuation, plot_curves, routing_fluctuation
 
 
@@ -40,7 +41,7 @@ class FluctuationRecorder:
         self,
         every: int,
         num_tokens: int,
-        stream: Tensor,
+        stream: Tensor | None,
         seq_len: int,
         batch_size: int,
         max_steps: int,
@@ -52,7 +53,9 @@ class FluctuationRecorder:
         self.every, self.is_main, self.batch_size, self.max_steps = every, is_main, batch_size, max_steps
         self.bf16_autocast = bf16_autocast
         self.path = Path(run_dir) / SNAPSHOT_FILE
-        self.windows = fixed_windows(stream, num_tokens, seq_len) if every else []
+        if every and stream is None:
+            raise ValueError("routing fluctuation needs a token stream (language models only)")
+        self.windows = fixed_windows(stream, num_tokens, seq_len) if every and stream is not None else []
         self.num_tokens = sum(w.numel() for w in self.windows)
         self.steps: list[int] = []
         self.snapshots: list[Tensor] = []
@@ -74,7 +77,7 @@ class FluctuationRecorder:
         self.snapshots = [torch.tensor(r["experts"]) for r in keep]
 
     @torch.no_grad()
-    def assignments(self, model: torch.nn.Module) -> Tensor:
+    def assignments(self, model: MoEModel) -> Tensor:
         """[L, N]: the top-1 expert of every tracked token at every MoE layer, as an evaluation forward routes."""
         routers = [layer.router for layer in model.moe_layers()]
         seen: list[list[Tensor]] = [[] for _ in routers]
@@ -101,7 +104,7 @@ class FluctuationRecorder:
                 h.remove()
         return torch.stack([torch.cat(s) for s in seen])
 
-    def maybe_record(self, step: int, model: torch.nn.Module) -> None:
+    def maybe_record(self, step: int, model: MoEModel) -> None:
         """After `step` completed optimiser steps: record every `every` steps and after the last one.
 
         The decision depends on the step alone, never on rank-local state, so all ranks agree on it."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from torch import nn
+
 
 from msmoe_dist.config.output_layer import check_cutoffs
 from msmoe_dist.config.schema import (
@@ -27,19 +28,24 @@ from msmoe_dist.config.schema import (
     VisionConfig,
 )
 from msmoe_dist.eval.evaluator import Evaluator
+from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.build import build_model
 from msmoe_dist.train.errors import TrainError
+
+if TYPE_CHECKING:
+    from msmoe_dist.data.images import ImageBatch
 
 
 class Task(Protocol):
     rate_key: str  # the throughput metric: tokens_per_s or images_per_s
-    probe_stream: torch.Tensor | None  # token ids the routing-fluctuation probe reads (LM only)
+    @property
+    def probe_stream(self) -> torch.Tensor | None: ...  # token ids the routing-fluctuation probe reads (LM)
 
     def load_data(self) -> None: ...
 
     def num_outputs(self) -> int: ...  # the vocabulary size or the class count
 
-    def build_model(self) -> nn.Module: ...
+    def build_model(self) -> MoEModel: ...
 
     def data_fingerprint(self) -> dict: ...  # stored in checkpoints: which vocabulary/classes the model knows
 
@@ -80,7 +86,7 @@ class NetworkConfigs:
     momentum: MomentumConfig
     vision: VisionConfig
 
-    def build(self, num_outputs: int) -> nn.Module:
+    def build(self, num_outputs: int) -> MoEModel:
         return build_model(self.model, self.moe, self.momentum, self.vision, num_outputs)
 
 
@@ -94,15 +100,17 @@ class LMTask:
         from msmoe_dist.data import load_corpus
 
         self.corpus = load_corpus(self.data, splits=("train", "valid"))
+        assert self.corpus.train is not None and self.corpus.valid is not None  # the splits asked for
+        self.train_ids, self.valid_ids = self.corpus.train, self.corpus.valid
 
     @property
-    def probe_stream(self) -> torch.Tensor:
-        return self.corpus.valid
+    def probe_stream(self) -> torch.Tensor | None:
+        return self.valid_ids
 
     def num_outputs(self) -> int:
         return resolve_vocab_size(self.net.model, len(self.corpus.vocab))
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> MoEModel:
         return self.net.build(self.num_outputs())
 
     def data_fingerprint(self) -> dict:
@@ -117,7 +125,7 @@ class LMTask:
 
         d, G = self.data, self.train.grad_accum_steps
         micro = [
-            training_batch(d, self.corpus.train, step * G + m, self.train.seed, self.rank, self.world) for m in range(G)
+            training_batch(d, self.train_ids, step * G + m, self.train.seed, self.rank, self.world) for m in range(G)
         ]
         return micro, d.batch_size * d.seq_len * G * self.world
 
@@ -125,7 +133,7 @@ class LMTask:
         from msmoe_dist.eval.lm import evaluate_tokens
 
         d = self.data
-        res = evaluate_tokens(ev, self.corpus.valid, d.batch_size, d.seq_len, self.train.eval_batches)
+        res = evaluate_tokens(ev, self.valid_ids, d.batch_size, d.seq_len, self.train.eval_batches)
         return {"val.loss": res["loss"], "val.ppl": res["ppl"]}
 
     def extra_scalars(self) -> dict:
@@ -139,11 +147,14 @@ class VisionTask:
     """V-MoE on an ImageNet-layout folder (generated coloured shapes, or ImageNet itself)."""
 
     rate_key = "images_per_s"
-    probe_stream = None
+
+    @property
+    def probe_stream(self) -> torch.Tensor | None:
+        return None  # config validation refuses logging.fluct_every with model.kind=vit
 
     def __init__(self, net: NetworkConfigs, data: DataConfig, train: TrainConfig):
         self.net, self.data, self.train, self.vision = net, data, train, net.vision
-        self.loader = None
+        self.loader: Iterator[ImageBatch] | None = None
         self.unreadable = self.reported = 0
 
     def load_data(self) -> None:
@@ -160,7 +171,7 @@ class VisionTask:
     def num_outputs(self) -> int:
         return self.vision.num_classes
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> MoEModel:
         return self.net.build(self.num_outputs())
 
     def data_fingerprint(self) -> dict:
@@ -189,6 +200,7 @@ class VisionTask:
         v, G = self.vision, self.train.grad_accum_steps
         micro, images = [], 0
         for m in range(G):
+            assert self.loader is not None, "start() first"
             batch = next(self.loader)
             self.unreadable += batch.num_unreadable
             for i in batch.unreadable_indices[: max(0, 20 - self.reported)]:
@@ -213,6 +225,7 @@ class VisionTask:
         res = evaluate_images(
             ev,
             dataset or self.val_set,
+            self.vision.image_size,
             self.data.batch_size,
             self.train.eval_batches if max_batches is None else max_batches,
             self.vision.num_workers,

@@ -25,6 +25,7 @@ from msmoe_dist.checkpoint import (
 from msmoe_dist.config.loader import config_to_dict, config_to_yaml, save_config
 from msmoe_dist.config.model_spec import ModelSpec
 from msmoe_dist.config.schema import Config, ParallelConfig, TrainConfig
+from msmoe_dist.models.base import MoEModel
 from msmoe_dist.parallel.runtime import Runtime
 from msmoe_dist.train.engine import Engine
 from msmoe_dist.train.errors import NonFiniteLoss, TrainError
@@ -72,7 +73,7 @@ def find_resume_point(train: TrainConfig) -> Path | None:
     return None
 
 
-def build_initial_model(cfg: Config, task: Task) -> torch.nn.Module:
+def build_initial_model(cfg: Config, task: Task) -> MoEModel:
     """The model on one device, from the seed (as one process would build it), or from
     checkpoint.init_from's weights (every expert, any EP degree; the network must match)."""
     init = None
@@ -87,7 +88,7 @@ def build_initial_model(cfg: Config, task: Task) -> torch.nn.Module:
     return model
 
 
-def build_engine(cfg: Config, kind: str, runtime: Runtime, model: torch.nn.Module) -> Engine:
+def build_engine(cfg: Config, kind: str, runtime: Runtime, model: MoEModel) -> Engine:
     """Wraps a model built on one device: native as it is; deepspeed after building the process
     groups and applying expert parallelism (this rank keeps its experts)."""
     if kind == "native":
@@ -137,6 +138,7 @@ def run(cfg: Config) -> dict:
         for sub in ("checkpoints", "tensorboard"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
     engine.barrier()
+    resume_step = resumed.step if resumed is not None else None
     logger = None
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +146,8 @@ def run(cfg: Config) -> dict:
         logger = MetricsLogger(
             run_dir,
             cfg.logging.tensorboard,
-            resume_step=resumed and resumed.step,
-            resume_state=resumed and resumed.parts.get("metrics"),
+            resume_step=resume_step,
+            resume_state=resumed.parts.get("metrics") if resumed is not None else None,
         )
     lg = cfg.logging
     recorder = FluctuationRecorder(
@@ -158,7 +160,7 @@ def run(cfg: Config) -> dict:
         run_dir,
         engine.is_main,
         cfg.train.dtype == "bf16",
-        resumed and resumed.step,
+        resume_step,
     )
     config = config_to_dict(cfg)
     data = task.data_fingerprint()
