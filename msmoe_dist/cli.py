@@ -48,13 +48,10 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Every error a user can fix: one line, exit code 2."""
-    from msmoe_dist.config.loader import ConfigError
-    from msmoe_dist.data.errors import DataError
+    """Every error a user can fix (ConfigError, DataError, CheckpointError, ...): one line, exit code 2."""
     from msmoe_dist.errors import UserError
-    from msmoe_dist.parallel.layout import LayoutError
 
-    return UserError, ConfigError, DataError, LayoutError
+    return (UserError,)
 
 
 def build_train_parser() -> argparse.ArgumentParser:

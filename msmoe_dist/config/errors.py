@@ -11,11 +11,13 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from msmoe_dist.errors import UserError
+
 COMMAND_LINE = "command line"
 DEFAULT_SOURCE = "default"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A mistake in the user's configuration.
 
     ``str()`` is always a single line starting with ``config error:``, fit to be printed as is

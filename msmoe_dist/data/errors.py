@@ -3,15 +3,17 @@
 Everything a user can get wrong about data (a missing directory, a split that is not
 there, a corpus directory that would be overwritten, a stream too short for the window)
 raises ``DataError`` with a one-line message naming what was wrong and what was
-expected.  It subclasses ``ValueError`` so generic callers still catch it; the CLI maps
+expected.  It subclasses ``UserError`` (a ``ValueError``) so generic callers still catch it; the CLI maps
 it to exit code 2 instead of printing a traceback.  Image data raises the subclass
 ``ImageDataError``.
 """
 
 from __future__ import annotations
 
+from msmoe_dist.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A user-facing data problem; the message is one line and says what was expected."""
 
 

@@ -50,10 +50,11 @@ def compute_stats(routing: Routing, state: DispatchState, y_RD: Tensor) -> MoESt
     imbalance = max(routed) / mean_routed if mean_routed > 0 else 0.0
 
     probs_TE = routing.probs_TE.detach().float()
-    # xlogy: an exact-zero probability contributes 0, not nan.
+    # xlogy: an exact-zero probability contributes 0, not nan. .item(): device-to-host sync (stats steps only).
     entropy = -torch.special.xlogy(probs_TE, probs_TE).sum(-1).mean().item() if probs_TE.numel() else 0.0
 
     norms_R = torch.linalg.vector_norm(y_RD.detach().float(), dim=-1)
+    # One device-to-host sync per expert (stats steps only).
     out_norm = [chunk.mean().item() if chunk.numel() else 0.0 for chunk in norms_R.split(kept)]
     # Stable sort on the negated norm keeps ties in expert order, so the histogram is reproducible.
     order = sorted(range(len(out_norm)), key=lambda e: -out_norm[e])

@@ -90,7 +90,7 @@ class DeepSpeedEngine:
         t = torch.tensor([expert], dtype=torch.float64, device=self.device)
         with named_collective("all_reduce (expert gradient norm, EP group)"):
             dist.all_reduce(t, group=self.pg.ep)
-        norm = math.sqrt(dense + float(t[0]))
+        norm = math.sqrt(dense + float(t[0]))  # device-to-host sync
         if self.clip > 0 and norm > self.clip:
             scale = self.clip / (norm + 1e-6)
             for p in self.model.parameters():
@@ -113,7 +113,8 @@ class DeepSpeedEngine:
             out = self.engine(self._input(x), y.to(self.device), collect_stats=collect_stats and i == n - 1)
             loss = objective(out)
             # One all-reduce per micro-batch: the global mean for logging, and a NaN anywhere
-            # stops every rank at the same step, before any weight changes.
+            # stops every rank at the same step, before any weight changes. Device-to-host syncs:
+            # the isfinite check, the two float()s and the all-reduced sums.
             bad = 0.0 if torch.isfinite(loss.detach()) else 1.0  # device-to-host sync
             s_ce, s_aux, s_bad = self.all_sum([float(out.loss.detach()), float(out.aux_loss.detach()), bad])
             if s_bad > 0:
