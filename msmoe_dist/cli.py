@@ -95,8 +95,7 @@ def train_main(argv: list[str] | None = None) -> int:
         sys.exit(_fail("msmoe-train", exc, EXIT_COLLECTIVE))
     if summary.get("rank", 0) != 0:
         return 0
-    score = (f"valid top-1 {summary['val_top1']:.2%}" if "val_top1" in summary
-             else f"valid ppl {summary['val_ppl']:.2f}")
+    score = f"valid top-1 {summary['val_top1']:.2%}" if "val_top1" in summary else f"valid ppl {summary['val_ppl']:.2f}"
     print(
         f"done: train loss {summary.get('train_loss', float('nan')):.4f}, {score}\n"
         f"  run directory: {summary['run_dir']}\n  metrics:       {summary['metrics']}\n"
@@ -115,34 +114,59 @@ def build_eval_parser() -> argparse.ArgumentParser:
         "--imagenet-val), on ImageNet-A/-R with the 200-class masks, and on ImageNet-C with mCE normalised by "
         "AlexNet's published errors. Prints one JSON line on stdout and a table on stderr.",
     )
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="run directory, its checkpoints/ directory, or one step_* checkpoint directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="run directory, its checkpoints/ directory, or one step_* checkpoint directory",
+    )
     parser.add_argument("--splits", default="valid,test", help="comma-separated splits to score (default valid,test)")
-    parser.add_argument("--data-path", metavar="DIR", help="read the corpus from DIR instead of the checkpoint's data.path")
-    parser.add_argument("--batches", type=int, default=0, help="score at most N batches per split (0 = the whole stream)")
-    parser.add_argument("--batch-size", type=int, default=0, help="sequences per batch (0 = the checkpoint's data.batch_size)")
+    parser.add_argument(
+        "--data-path", metavar="DIR", help="read the corpus from DIR instead of the checkpoint's data.path"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=0, help="score at most N batches per split (0 = the whole stream)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="sequences per batch (0 = the checkpoint's data.batch_size)"
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device to evaluate on")
-    parser.add_argument("--attack", action="store_true",
-                        help="also score an attacked copy of each split (the paper's robustness test): in every line "
-                        "each non-stopword word is replaced by AAA with probability --attack-rate, seeded per "
-                        "(--attack-seed, line index). Adds valid_attacked_ppl/test_attacked_ppl to the JSON and "
-                        "prints a clean/attacked table on stderr. AAA is out of the word vocabulary, so it reads "
-                        "as <unk>")
-    parser.add_argument("--attack-rate", type=float, default=0.025, metavar="P",
-                        help="probability that a non-stopword word is replaced (default 0.025)")
+    parser.add_argument(
+        "--attack",
+        action="store_true",
+        help="also score an attacked copy of each split (the paper's robustness test): in every line "
+        "each non-stopword word is replaced by AAA with probability --attack-rate, seeded per "
+        "(--attack-seed, line index). Adds valid_attacked_ppl/test_attacked_ppl to the JSON and "
+        "prints a clean/attacked table on stderr. AAA is out of the word vocabulary, so it reads "
+        "as <unk>",
+    )
+    parser.add_argument(
+        "--attack-rate",
+        type=float,
+        default=0.025,
+        metavar="P",
+        help="probability that a non-stopword word is replaced (default 0.025)",
+    )
     parser.add_argument("--attack-seed", type=int, default=0, metavar="N", help="seed of the attack (default 0)")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
     vis = parser.add_argument_group("V-MoE checkpoints (model.kind=vit)")
-    vis.add_argument("--imagenet-val", metavar="DIR",
-                     help="ImageNet-1K val folder <wnid>/*.JPEG (default: the run's data.path/val)")
+    vis.add_argument(
+        "--imagenet-val", metavar="DIR", help="ImageNet-1K val folder <wnid>/*.JPEG (default: the run's data.path/val)"
+    )
     vis.add_argument("--imagenet-a", metavar="DIR", help="ImageNet-A folder <wnid>/*.jpg (200 classes)")
     vis.add_argument("--imagenet-r", metavar="DIR", help="ImageNet-R folder <wnid>/*.jpg (200 classes)")
-    vis.add_argument("--imagenet-c", metavar="DIR",
-                     help="ImageNet-C root <corruption>/<severity 1-5>/<wnid>/*.JPEG: per-corruption error and mCE")
+    vis.add_argument(
+        "--imagenet-c",
+        metavar="DIR",
+        help="ImageNet-C root <corruption>/<severity 1-5>/<wnid>/*.JPEG: per-corruption error and mCE",
+    )
     vis.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (default 2)")
-    parser.add_argument("--text-path", metavar="DIR",
-                        help="--attack on a prepared corpus: read valid/test text from DIR instead of the directory "
-                        "recorded in its meta.json")
+    parser.add_argument(
+        "--text-path",
+        metavar="DIR",
+        help="--attack on a prepared corpus: read valid/test text from DIR instead of the directory "
+        "recorded in its meta.json",
+    )
     return parser
 
 
@@ -150,11 +174,22 @@ def eval_request(args: argparse.Namespace):
     from msmoe_dist.eval.request import EvalRequest
 
     return EvalRequest(
-        checkpoint=args.checkpoint, splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
-        data_path=args.data_path, batches=args.batches, batch_size=args.batch_size, device=args.device,
-        attack=args.attack, attack_rate=args.attack_rate, attack_seed=args.attack_seed, text_path=args.text_path,
-        imagenet_val=args.imagenet_val, imagenet_a=args.imagenet_a, imagenet_r=args.imagenet_r,
-        imagenet_c=args.imagenet_c, workers=args.workers)
+        checkpoint=args.checkpoint,
+        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+        data_path=args.data_path,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        device=args.device,
+        attack=args.attack,
+        attack_rate=args.attack_rate,
+        attack_seed=args.attack_seed,
+        text_path=args.text_path,
+        imagenet_val=args.imagenet_val,
+        imagenet_a=args.imagenet_a,
+        imagenet_r=args.imagenet_r,
+        imagenet_c=args.imagenet_c,
+        workers=args.workers,
+    )
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -191,19 +226,38 @@ def build_prepare_parser() -> argparse.ArgumentParser:
         "vocabulary sha256, token/line/<unk> counts) and, for sentencepiece, OUTPUT/tokenizer.model. The "
         "vocabulary is built from the train split only. Streams the text: memory stays bounded.",
     )
-    parser.add_argument("input", metavar="INPUT",
-                        help="corpus directory: train.txt/valid.txt/test.txt or wiki.{train,valid,test}.tokens")
+    parser.add_argument(
+        "input",
+        metavar="INPUT",
+        help="corpus directory: train.txt/valid.txt/test.txt or wiki.{train,valid,test}.tokens",
+    )
     parser.add_argument("output", metavar="OUTPUT", help="directory to write (created if missing)")
-    parser.add_argument("--splits", default="train,valid,test",
-                        help="comma-separated splits to write (default train,valid,test); train builds the "
-                        "vocabulary whether written or not")
-    parser.add_argument("--tokenizer", default="word", choices=("word", "sentencepiece"),
-                        help="word: whitespace words + <eos> per line (the reference); sentencepiece: train a "
-                        "model on the train split (default word). Training must use the same data.tokenizer")
-    parser.add_argument("--sp-vocab-size", type=int, default=32000, metavar="N",
-                        help="sentencepiece vocabulary size (default 32000; data.sp_vocab_size)")
-    parser.add_argument("--sp-model-type", default="unigram", choices=("unigram", "bpe", "char", "word"),
-                        help="sentencepiece model type (default unigram; data.sp_model_type)")
+    parser.add_argument(
+        "--splits",
+        default="train,valid,test",
+        help="comma-separated splits to write (default train,valid,test); train builds the "
+        "vocabulary whether written or not",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default="word",
+        choices=("word", "sentencepiece"),
+        help="word: whitespace words + <eos> per line (the reference); sentencepiece: train a "
+        "model on the train split (default word). Training must use the same data.tokenizer",
+    )
+    parser.add_argument(
+        "--sp-vocab-size",
+        type=int,
+        default=32000,
+        metavar="N",
+        help="sentencepiece vocabulary size (default 32000; data.sp_vocab_size)",
+    )
+    parser.add_argument(
+        "--sp-model-type",
+        default="unigram",
+        choices=("unigram", "bpe", "char", "word"),
+        help="sentencepiece model type (default unigram; data.sp_model_type)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a prepared corpus already in OUTPUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
@@ -216,18 +270,31 @@ def prepare_main(argv: list[str] | None = None) -> int:
     if args.sp_vocab_size < 3:
         sys.exit(_fail("msmoe-prepare", DataError(f"--sp-vocab-size must be >= 3, got {args.sp_vocab_size}")))
     try:
-        meta = prepare_corpus(args.input, args.output, [s.strip() for s in args.splits.split(",") if s.strip()],
-                              args.tokenizer, args.sp_vocab_size, args.sp_model_type, args.overwrite,
-                              progress=not args.no_progress)
+        meta = prepare_corpus(
+            args.input,
+            args.output,
+            [s.strip() for s in args.splits.split(",") if s.strip()],
+            args.tokenizer,
+            args.sp_vocab_size,
+            args.sp_model_type,
+            args.overwrite,
+            progress=not args.no_progress,
+        )
     except DataError as exc:
         sys.exit(_fail("msmoe-prepare", exc))
     except OSError as exc:  # a full disk or an unwritable output directory is the user's to fix
         sys.exit(_fail("msmoe-prepare", DataError(f"cannot write {args.output}: {exc.strerror or exc}")))
     counts = ", ".join(f"{s} {e['tokens']:,}" for s, e in meta["splits"].items())
-    print(f"prepared {args.output}: {counts} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) "
-          f"in {meta['seconds']:.1f} s\n  train with: data.kind=prepared data.path={args.output}"
-          + (f" data.tokenizer=sentencepiece data.sp_vocab_size={args.sp_vocab_size} "
-             f"data.sp_model_type={args.sp_model_type}" if args.tokenizer == "sentencepiece" else ""))
+    print(
+        f"prepared {args.output}: {counts} tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) "
+        f"in {meta['seconds']:.1f} s\n  train with: data.kind=prepared data.path={args.output}"
+        + (
+            f" data.tokenizer=sentencepiece data.sp_vocab_size={args.sp_vocab_size} "
+            f"data.sp_model_type={args.sp_model_type}"
+            if args.tokenizer == "sentencepiece"
+            else ""
+        )
+    )
     return 0
 
 

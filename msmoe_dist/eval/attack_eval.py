@@ -25,14 +25,20 @@ def attacked_scores(ev: Evaluator, corpus, split: str, req: EvalRequest, batch_s
     lines = read_lines(text)
     clean = corpus.split(split)
     if not torch.equal(torch.from_numpy(corpus.tokenizer.encode_lines(lines)), clean.long()):
-        raise DataError(f"{text} does not encode to the {split} ids being evaluated (edited, or another corpus); "
-                        "expected the text the corpus was built from (see --text-path)")
+        raise DataError(
+            f"{text} does not encode to the {split} ids being evaluated (edited, or another corpus); "
+            "expected the text the corpus was built from (see --text-path)"
+        )
     attacked, stats = attack_lines(lines, seed=req.attack_seed, rate=req.attack_rate)
     stream = torch.from_numpy(corpus.tokenizer.encode_lines(attacked))
     res = evaluate_tokens(ev, stream, batch_size, seq_len, req.batches)
-    return {f"{split}_attacked_ppl": res["ppl"], f"{split}_attacked_loss": res["loss"],
-            f"{split}_attacked_tokens": res["tokens"], f"{split}_attack_candidates": stats.candidates,
-            f"{split}_attack_replaced": stats.replaced}
+    return {
+        f"{split}_attacked_ppl": res["ppl"],
+        f"{split}_attacked_loss": res["loss"],
+        f"{split}_attacked_tokens": res["tokens"],
+        f"{split}_attack_candidates": stats.candidates,
+        f"{split}_attack_replaced": stats.replaced,
+    }
 
 
 def attack_table(result: dict) -> str:
@@ -40,8 +46,15 @@ def attack_table(result: dict) -> str:
     rows = [("split", "clean ppl", "attacked ppl", "replaced words")]
     for split in ("valid", "test"):
         if f"{split}_attacked_ppl" in result:
-            rows.append((split, f"{result[f'{split}_ppl']:.2f}", f"{result[f'{split}_attacked_ppl']:.2f}",
-                         f"{result[f'{split}_attack_replaced']:,} / {result[f'{split}_attack_candidates']:,}"))
+            rows.append(
+                (
+                    split,
+                    f"{result[f'{split}_ppl']:.2f}",
+                    f"{result[f'{split}_attacked_ppl']:.2f}",
+                    f"{result[f'{split}_attack_replaced']:,} / {result[f'{split}_attack_candidates']:,}",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    )

@@ -47,10 +47,21 @@ import torch
 from msmoe_dist.data.errors import DataError
 
 BENCHMARK_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
 )
 # Held out by the paper for validation; reported separately, never part of mCE.
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
@@ -86,8 +97,10 @@ def load_wnids(name: str) -> list[str]:
     wnids = [w for w in wnids if w and not w.startswith("#")]
     bad = [w for w in wnids if not _WNID.match(w)]
     if bad or len(set(wnids)) != len(wnids):
-        raise RobustnessError(f"shipped wnid list {SUBSET_FILES[name]} is damaged (malformed or repeated "
-                              f"entries, e.g. {(bad or wnids)[0]!r}); reinstall msmoe_dist")
+        raise RobustnessError(
+            f"shipped wnid list {SUBSET_FILES[name]} is damaged (malformed or repeated "
+            f"entries, e.g. {(bad or wnids)[0]!r}); reinstall msmoe_dist"
+        )
     return wnids
 
 
@@ -107,8 +120,10 @@ def subset_mask(subset_wnids: Iterable[str], all_wnids: Sequence[str]) -> torch.
         raise RobustnessError(f"the class subset repeats wnid {dup}; expected unique wnids")
     unknown = [w for w in subset if w not in index]
     if unknown:
-        raise RobustnessError(f"{len(unknown)} wnid(s) of the subset are not among the classifier's "
-                              f"{len(all_wnids)} classes (first: {unknown[0]}); expected a subset of its class list")
+        raise RobustnessError(
+            f"{len(unknown)} wnid(s) of the subset are not among the classifier's "
+            f"{len(all_wnids)} classes (first: {unknown[0]}); expected a subset of its class list"
+        )
     return torch.tensor(sorted(index[w] for w in subset), dtype=torch.long)
 
 
@@ -119,7 +134,7 @@ class LabelSubset:
     name: str
     wnids: tuple[str, ...]
     index_S: torch.Tensor  # [S] long, ascending logit indices into the classifier's C classes
-    num_classes: int       # C
+    num_classes: int  # C
 
     @classmethod
     def from_wnids(cls, name: str, subset_wnids: Iterable[str], all_wnids: Sequence[str]) -> LabelSubset:
@@ -134,8 +149,9 @@ class LabelSubset:
     def restrict(self, logits_BC: torch.Tensor) -> torch.Tensor:
         """logits [B, C] -> [B, S]: the subset's columns, in mask order."""
         if logits_BC.dim() != 2 or logits_BC.shape[1] != self.num_classes:
-            raise RobustnessError(f"{self.name}: logits of shape {tuple(logits_BC.shape)}; "
-                                  f"expected [batch, {self.num_classes}]")
+            raise RobustnessError(
+                f"{self.name}: logits of shape {tuple(logits_BC.shape)}; expected [batch, {self.num_classes}]"
+            )
         return logits_BC.index_select(1, self.index_S.to(logits_BC.device))
 
     def folder_label_map(self, folder_wnids: Sequence[str]) -> torch.Tensor:
@@ -147,8 +163,10 @@ class LabelSubset:
         position = {w: i for i, w in enumerate(self.wnids)}
         unknown = [w for w in folder_wnids if w not in position]
         if unknown:
-            raise RobustnessError(f"{self.name}: {len(unknown)} class folder(s) are not {self.name} classes "
-                                  f"(first: {unknown[0]!r}); expected folders named by the subset's wnids")
+            raise RobustnessError(
+                f"{self.name}: {len(unknown)} class folder(s) are not {self.name} classes "
+                f"(first: {unknown[0]!r}); expected folders named by the subset's wnids"
+            )
         return torch.tensor([position[w] for w in folder_wnids], dtype=torch.long)
 
 
@@ -162,11 +180,13 @@ def topk_correct(logits_BC: torch.Tensor, labels_B: torch.Tensor, ks: Sequence[i
     ``torch.topk``'s order.
     """
     if logits_BC.dim() != 2 or labels_B.dim() != 1 or labels_B.shape[0] != logits_BC.shape[0]:
-        raise RobustnessError(f"logits {tuple(logits_BC.shape)} and labels {tuple(labels_B.shape)}; "
-                              "expected [batch, classes] and [batch]")
+        raise RobustnessError(
+            f"logits {tuple(logits_BC.shape)} and labels {tuple(labels_B.shape)}; expected [batch, classes] and [batch]"
+        )
     if not ks or any(int(k) < 1 or int(k) > logits_BC.shape[1] for k in ks):
-        raise RobustnessError(f"top-k values {tuple(ks)} for {logits_BC.shape[1]} classes; "
-                              f"expected each k in 1..{logits_BC.shape[1]}")
+        raise RobustnessError(
+            f"top-k values {tuple(ks)} for {logits_BC.shape[1]} classes; expected each k in 1..{logits_BC.shape[1]}"
+        )
     max_k = max(int(k) for k in ks)
     pred_BK = logits_BC.topk(max_k, dim=1).indices
     hit_BK = pred_BK.eq(labels_B.to(pred_BK.device).unsqueeze(1))
@@ -211,8 +231,10 @@ def discover_imagenet_c(root: str | Path, corruptions: Iterable[str] | None = No
 
     def add(folder: Path) -> None:
         if folder.name in found:
-            raise RobustnessError(f"ImageNet-C corruption {folder.name} appears twice ({found[folder.name]} and "
-                                  f"{folder}); expected one folder per corruption")
+            raise RobustnessError(
+                f"ImageNet-C corruption {folder.name} appears twice ({found[folder.name]} and "
+                f"{folder}); expected one folder per corruption"
+            )
         found[folder.name] = folder
 
     for entry in _subdirs(root):
@@ -227,21 +249,26 @@ def discover_imagenet_c(root: str | Path, corruptions: Iterable[str] | None = No
         else:
             unknown.append(entry.name)
     if unknown:
-        warnings.warn(f"ImageNet-C: skipping {len(unknown)} folder(s) under {root} that are not known corruptions: "
-                      f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}", stacklevel=2)
+        warnings.warn(
+            f"ImageNet-C: skipping {len(unknown)} folder(s) under {root} that are not known corruptions: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}",
+            stacklevel=2,
+        )
     if corruptions is not None:
         wanted = list(corruptions)
         bad = [c for c in wanted if c not in KNOWN_CORRUPTIONS]
         if bad:
-            raise RobustnessError(f"unknown ImageNet-C corruption {bad[0]!r}; "
-                                  f"expected one of {', '.join(KNOWN_CORRUPTIONS)}")
+            raise RobustnessError(
+                f"unknown ImageNet-C corruption {bad[0]!r}; expected one of {', '.join(KNOWN_CORRUPTIONS)}"
+            )
         absent = [c for c in wanted if c not in found]
         if absent:
             raise RobustnessError(f"ImageNet-C corruption {absent[0]} not found under {root}; expected {_LAYOUT}")
         found = {c: found[c] for c in wanted}
     if not found:
-        raise RobustnessError(f"no ImageNet-C corruption folders under {root}; expected {_LAYOUT}, "
-                              f"e.g. {root / 'gaussian_noise' / '1'}")
+        raise RobustnessError(
+            f"no ImageNet-C corruption folders under {root}; expected {_LAYOUT}, e.g. {root / 'gaussian_noise' / '1'}"
+        )
     return {c: _severity_folders(found[c]) for c in KNOWN_CORRUPTIONS if c in found}
 
 
@@ -296,8 +323,13 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def mce(errors: Mapping[str, Mapping[int | str, float]], alexnet: Mapping[str, float] | None = None, *,
-        clean_error: float | None = None, alexnet_clean_error: float | None = None) -> dict:
+def mce(
+    errors: Mapping[str, Mapping[int | str, float]],
+    alexnet: Mapping[str, float] | None = None,
+    *,
+    clean_error: float | None = None,
+    alexnet_clean_error: float | None = None,
+) -> dict:
     """CE per corruption, mCE, unnormalised mean error and (given ``clean_error``) relative mCE.
 
     ``errors[corruption][severity]`` is the model's top-1 error in [0, 1]; severity keys may be ints
@@ -319,8 +351,9 @@ def mce(errors: Mapping[str, Mapping[int | str, float]], alexnet: Mapping[str, f
     order = [c for c in BENCHMARK_CORRUPTIONS if c in errors] + [c for c in errors if c not in BENCHMARK_CORRUPTIONS]
     for c in order:
         if c not in alexnet:
-            raise RobustnessError(f"no AlexNet reference error for corruption {c!r}; "
-                                  f"expected one of {', '.join(alexnet)}")
+            raise RobustnessError(
+                f"no AlexNet reference error for corruption {c!r}; expected one of {', '.join(alexnet)}"
+            )
         if not errors[c]:
             raise RobustnessError(f"errors[{c!r}] is empty; expected top-1 errors for severities 1-5")
         by_sev: dict[int, float] = {}
@@ -342,8 +375,10 @@ def mce(errors: Mapping[str, Mapping[int | str, float]], alexnet: Mapping[str, f
         }
         if clean_error is not None:
             if alexnet[c] <= alexnet_clean_error:
-                raise RobustnessError(f"AlexNet error on {c} ({alexnet[c]}) is not above its clean error "
-                                      f"({alexnet_clean_error}); relative CE is undefined")
+                raise RobustnessError(
+                    f"AlexNet error on {c} ({alexnet[c]}) is not above its clean error "
+                    f"({alexnet_clean_error}); relative CE is undefined"
+                )
             row["relative_ce"] = (mean_error - clean_error) / (alexnet[c] - alexnet_clean_error)
         per_corruption[c] = row
 
@@ -377,8 +412,10 @@ def _pct(x: float | None, digits: int = 1) -> str:
 
 def _align(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-            for r in rows]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    ]
 
 
 def _imagenet_c_table(res: Mapping) -> list[str]:
@@ -398,8 +435,10 @@ def _imagenet_c_table(res: Mapping) -> list[str]:
         summary.append(["extra corruptions mCE", _pct(res["extra_mce"], 2)])
     lines = _align(rows) + [""] + _align(summary)
     if res["incomplete"]:
-        lines.append("* severities missing: CE divides the mean over the present severities by AlexNet's "
-                     "5-severity mean (biased: optimistic when high severities are missing)")
+        lines.append(
+            "* severities missing: CE divides the mean over the present severities by AlexNet's "
+            "5-severity mean (biased: optimistic when high severities are missing)"
+        )
     if res["missing"]:
         lines.append(f"missing benchmark corruptions: {', '.join(res['missing'])}")
     return lines
@@ -415,8 +454,15 @@ def format_table(results: Mapping) -> str:
         if isinstance(res, Mapping) and "per_corruption" in res:
             blocks.append([f"{name}:"] + _imagenet_c_table(res))
         elif isinstance(res, Mapping) and "num_images" in res:
-            acc_rows.append([name, f"{res['num_images']:,}", _pct(res.get("top1_acc"), 2),
-                             _pct(res.get("top5_acc"), 2), _pct(res.get("top1_error"), 2)])
+            acc_rows.append(
+                [
+                    name,
+                    f"{res['num_images']:,}",
+                    _pct(res.get("top1_acc"), 2),
+                    _pct(res.get("top5_acc"), 2),
+                    _pct(res.get("top1_error"), 2),
+                ]
+            )
         else:
             raise ValueError(f"format_table: {name!r} is neither an accuracy_summary nor an mce result")
     if len(acc_rows) > 1:

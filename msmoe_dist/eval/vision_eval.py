@@ -20,8 +20,15 @@ from msmoe_dist.eval.robustness import LabelSubset, discover_imagenet_c, format_
 
 
 @torch.no_grad()
-def evaluate_images(engine: Evaluator, dataset, image_size: int, batch_size: int, max_batches: int, num_workers: int,
-                    subset: LabelSubset | None = None) -> dict:
+def evaluate_images(
+    engine: Evaluator,
+    dataset,
+    image_size: int,
+    batch_size: int,
+    max_batches: int,
+    num_workers: int,
+    subset: LabelSubset | None = None,
+) -> dict:
     """Loss, top-1 and top-5 accuracy of ``engine``'s model on ``dataset`` (an ImageFolderDataset).
 
     Every rank runs the same number of forwards (a rank out of batches runs an uncounted dummy
@@ -71,8 +78,14 @@ def _subset_label_map(subset: LabelSubset, num_classes: int) -> torch.Tensor:
 
 def summary(ev: dict) -> dict:
     """JSON row of one dataset: accuracy_summary's names plus loss and unreadable images."""
-    return {"num_images": ev["images"], "top1_acc": ev["top1"], "top5_acc": ev["top5"],
-            "top1_error": 1.0 - ev["top1"], "loss": ev["loss"], "unreadable": ev["unreadable"]}
+    return {
+        "num_images": ev["images"],
+        "top1_acc": ev["top1"],
+        "top5_acc": ev["top5"],
+        "top1_error": 1.0 - ev["top1"],
+        "loss": ev["loss"],
+        "unreadable": ev["unreadable"],
+    }
 
 
 def evaluate_vision_checkpoint(req: EvalRequest, cfg, weights: dict, meta: CheckpointMeta, step_dir: Path) -> dict:
@@ -105,20 +118,26 @@ def evaluate_vision_checkpoint(req: EvalRequest, cfg, weights: dict, meta: Check
     subsets = [("imagenet_a", req.imagenet_a), ("imagenet_r", req.imagenet_r)]
     if any(root for _, root in subsets) or req.imagenet_c:
         if v.num_classes != 1000 or not set(trained) <= set(IMAGENET_WNIDS):
-            raise ImageDataError(f"{step_dir}: ImageNet-A/R/C scoring needs a 1000-way model trained on ImageNet "
-                                 f"wnid folders; this one has vision.num_classes={v.num_classes} and classes "
-                                 f"{', '.join(trained[:3])}...")
+            raise ImageDataError(
+                f"{step_dir}: ImageNet-A/R/C scoring needs a 1000-way model trained on ImageNet "
+                f"wnid folders; this one has vision.num_classes={v.num_classes} and classes "
+                f"{', '.join(trained[:3])}..."
+            )
     for name, root in subsets:
         if root:
             result[name] = summary(score(root, LabelSubset.from_name(name, IMAGENET_WNIDS)))
     if req.imagenet_c:
         folders = discover_imagenet_c(req.imagenet_c)
-        errors: dict[str, Mapping[int | str, float]] = {c: {s: 1.0 - score(path)["top1"] for s, path in sevs.items()} for c, sevs in folders.items()}
+        errors: dict[str, Mapping[int | str, float]] = {
+            c: {s: 1.0 - score(path)["top1"] for s, path in sevs.items()} for c, sevs in folders.items()
+        }
         clean = result["val"]["top1_error"] if "val" in result else None
         result["imagenet_c"] = mce(errors, clean_error=clean)
     if len(result) == 2:
-        raise ImageDataError(f"nothing to evaluate: {cfg.data.path}/val does not exist; expected --imagenet-val DIR "
-                             "(and/or --imagenet-a/--imagenet-r/--imagenet-c)")
+        raise ImageDataError(
+            f"nothing to evaluate: {cfg.data.path}/val does not exist; expected --imagenet-val DIR "
+            "(and/or --imagenet-a/--imagenet-r/--imagenet-c)"
+        )
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 

@@ -38,8 +38,15 @@ class Block(nn.Module):
     """moe_layer_index: this block's position among the model's MoE layers (the momentum rule's layer
     index), or None for a dense block."""
 
-    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_layer_index: int | None,
-                 vocab_size: int | None = None, causal: bool = True, dense_activation: str = "relu"):
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        moe_layer_index: int | None,
+        vocab_size: int | None = None,
+        causal: bool = True,
+        dense_activation: str = "relu",
+    ):
         super().__init__()
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
@@ -59,8 +66,14 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return self.moe_layer_index is not None
 
-    def forward(self, x: Tensor, state: MomentumState, momentum: MomentumUpdate, collect_stats: bool = False,
-                token_ids: Tensor | None = None):
+    def forward(
+        self,
+        x: Tensor,
+        state: MomentumState,
+        momentum: MomentumUpdate,
+        collect_stats: bool = False,
+        token_ids: Tensor | None = None,
+    ):
         """Returns (x, state, aux_loss or None, stats dict or None). token_ids [B, S]: for routers that use them."""
         if self.pre_ln:
             x = x + self.drop(self.attn(self.norm1(x)))

@@ -15,7 +15,6 @@ from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
 from msmoe_dist.models.output import build_head, output_logits, output_loss
-from msmoe_dist.moe import MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -57,8 +56,10 @@ class MoELanguageModel(MoEModel):
         self.final_norm = nn.LayerNorm(d) if mcfg.block_style == "pre_ln" else nn.Identity()
         self.output_layer, self.output_chunk_tokens = mcfg.output_layer, mcfg.output_chunk_tokens
         if mcfg.output_layer == "adaptive" and mcfg.tie_embeddings:
-            raise ValueError("model.output_layer=adaptive cannot tie its output layer to the token embedding: "
-                             "expected model.tie_embeddings=false")
+            raise ValueError(
+                "model.output_layer=adaptive cannot tie its output layer to the token embedding: "
+                "expected model.tie_embeddings=false"
+            )
         self.head = build_head(mcfg.output_layer, d, vocab_size, mcfg.adaptive_cutoffs, mcfg.adaptive_div_value)
         self._init_weights(mcfg.init_std)
         if mcfg.tie_embeddings:
@@ -105,8 +106,9 @@ class MoELanguageModel(MoEModel):
         if targets_BS is not None or return_logits:
             h_ND = self.final_norm(x).reshape(B * S, -1)
             if targets_BS is not None:
-                loss = output_loss(self.output_layer, self.head, h_ND, targets_BS.reshape(-1),
-                                   self.output_chunk_tokens, reduction)
+                loss = output_loss(
+                    self.output_layer, self.head, h_ND, targets_BS.reshape(-1), self.output_chunk_tokens, reduction
+                )
             if return_logits:
                 logits_BSV = output_logits(self.output_layer, self.head, h_ND).view(B, S, -1)
         return LMOutput(loss=loss, aux_loss=aux, logits=logits_BSV, stats=stats)

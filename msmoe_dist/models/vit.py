@@ -21,7 +21,6 @@ from msmoe_dist.config.moe_placement import vit_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig, VisionConfig
 from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
-from msmoe_dist.moe import MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -59,8 +58,7 @@ class VisionMoE(MoEModel):
         blocks = []
         for i in range(mcfg.num_layers):
             idx = self.moe_blocks.index(i) if i in self.moe_blocks else None
-            blocks.append(Block(mcfg, moe_cfg, idx, causal=False,
-                                dense_activation=moe_cfg.activation))
+            blocks.append(Block(mcfg, moe_cfg, idx, causal=False, dense_activation=moe_cfg.activation))
         self.blocks = nn.ModuleList(blocks)
         self.momentum = MomentumUpdate(mom_cfg, len(self.moe_blocks))
         self.final_norm = nn.LayerNorm(d)
@@ -82,12 +80,15 @@ class VisionMoE(MoEModel):
     def num_moe_layers(self) -> int:
         return self.momentum.num_moe_layers
 
-    def forward(self, images_BCHW: Tensor, targets: Tensor | None = None, collect_stats: bool = False,
-                reduction: str = "mean") -> VisionOutput:
+    def forward(
+        self, images_BCHW: Tensor, targets: Tensor | None = None, collect_stats: bool = False, reduction: str = "mean"
+    ) -> VisionOutput:
         B, C, H, W = images_BCHW.shape
         if (C, H, W) != (3, self.image_size, self.image_size):
-            raise ValueError(f"expected images of shape [B, 3, {self.image_size}, {self.image_size}] "
-                             f"(vision.image_size), got {list(images_BCHW.shape)}")
+            raise ValueError(
+                f"expected images of shape [B, 3, {self.image_size}, {self.image_size}] "
+                f"(vision.image_size), got {list(images_BCHW.shape)}"
+            )
         x_BND = self.patch_proj(images_BCHW).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x_BND = torch.cat([self.cls_token.expand(B, -1, -1).to(x_BND.dtype), x_BND], dim=1)

@@ -212,7 +212,7 @@ class Experts(nn.Module):
             raise ValueError(f"cannot keep experts {experts} of {self.num_experts}")
         for name in ("w1", "b1", "w2", "b2"):
             old = getattr(self, name)
-            new = _expert_parameter(old.detach()[experts.start:experts.stop].clone())
+            new = _expert_parameter(old.detach()[experts.start : experts.stop].clone())
             new.requires_grad_(old.requires_grad)
             setattr(self, name, new)
         self.num_experts = len(experts)
@@ -254,8 +254,9 @@ class Experts(nn.Module):
         offs = counts_E.cumsum(0).to(torch.int32)
         # Per-row biases: a gather of E bias rows, cheap next to the GEMMs. output_size: the row count
         # is known on the host, so repeat_interleave need not sync with the device to learn it.
-        expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E,
-                                           output_size=x.shape[0])
+        expert_R = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=x.device), counts_E, output_size=x.shape[0]
+        )
         h = torch._grouped_mm(x, w1, offs=offs) + b1[expert_R]
         a = ACTIVATIONS[self.activation](h)
         return _ContiguousGrad.apply(torch._grouped_mm(a, w2, offs=offs)) + b2[expert_R]

@@ -17,7 +17,6 @@ msmoe_dist.train.routing_fluctuation.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -53,8 +53,14 @@ def build_router(
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher: Dispatcher | None = None, init_std: float = 0.02,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: MoEConfig,
+        dispatcher: Dispatcher | None = None,
+        init_std: float = 0.02,
+        vocab_size: int | None = None,
+    ):
         super().__init__()
         if cfg.expert_impl not in ("grouped", "loop"):
             raise ValueError(f"unknown expert_impl {cfg.expert_impl!r}")
@@ -62,8 +68,7 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = build_router(d_model, cfg, init_std, vocab_size)
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
-        self.experts = Experts(self.dispatcher.num_local_experts, d_model, cfg.expert_ffn_dim, cfg.activation,
-                               init_std)
+        self.experts = Experts(self.dispatcher.num_local_experts, d_model, cfg.expert_ffn_dim, cfg.activation, init_std)
         # Chosen once: the fast path, or the per-expert loop kept as the obviously correct reference.
         # Bound to the Experts object, which shard_experts slices in place.
         self._run_experts = self.experts.forward_loop if cfg.expert_impl == "loop" else self.experts.__call__
@@ -77,11 +82,13 @@ class MoELayer(nn.Module):
         """Expert parallelism: keep only `experts` (global ids, contiguous) and move tokens with
         `dispatcher`, which must deliver rows for exactly those experts. Once, before an optimiser exists."""
         if self.experts.num_experts != self.cfg.num_experts:
-            raise RuntimeError(f"the experts are already sharded ({self.experts.num_experts} of "
-                               f"{self.cfg.num_experts} held)")
+            raise RuntimeError(
+                f"the experts are already sharded ({self.experts.num_experts} of {self.cfg.num_experts} held)"
+            )
         if len(experts) != dispatcher.num_local_experts:
-            raise ValueError(f"keeping {len(experts)} experts but the dispatcher delivers rows for "
-                             f"{dispatcher.num_local_experts}")
+            raise ValueError(
+                f"keeping {len(experts)} experts but the dispatcher delivers rows for {dispatcher.num_local_experts}"
+            )
         self.experts.keep_experts(experts)
         self.dispatcher = dispatcher
 

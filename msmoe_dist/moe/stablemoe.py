@@ -145,8 +145,10 @@ class StableMoERouter(nn.Module):
         stage = self.stage
         needs_tokens = stage == 2 or (self.training and self.distill_coef > 0)
         if needs_tokens and token_T is None:
-            raise ValueError(f"the StableMoE router needs the token ids in stage {stage} "
-                             f"({'routing' if stage == 2 else 'distillation'}); pass token_ids")
+            raise ValueError(
+                f"the StableMoE router needs the token ids in stage {stage} "
+                f"({'routing' if stage == 2 else 'distillation'}); pass token_ids"
+            )
         if token_T is not None and token_T.shape != x_TD.shape[:1]:
             raise ValueError(f"token ids {tuple(token_T.shape)} do not match {x_TD.shape[0]} tokens")
         # fp32 whatever autocast says: the argmax flips on tiny score differences.
@@ -180,5 +182,7 @@ class StableMoERouter(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, distill_dim={self.distill_emb.shape[1]}, "
-                f"switch_step={self.switch_step}, step={self.step}")
+        return (
+            f"num_experts={self.num_experts}, distill_dim={self.distill_emb.shape[1]}, "
+            f"switch_step={self.switch_step}, step={self.step}"
+        )

@@ -42,7 +42,6 @@ if TYPE_CHECKING:  # the config package imports models, which import this packag
     from msmoe_dist.config.schema import MomentumConfig
 
 
-
 @dataclass(frozen=True)
 class MomentumState:
     """Token-local optimiser state carried between MoE layers (None = still zero)."""

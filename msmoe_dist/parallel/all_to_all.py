@@ -44,7 +44,7 @@ CAPACITY = "all_reduce (MoE capacity)"
 @contextmanager
 def _collective(name: str, comm: CommStats | None, nbytes: int):
     """A named collective (its failure names it), timed into `comm` when one is given."""
-    with named_collective(name), (comm.timed(name, nbytes) if comm is not None else nullcontext()):
+    with named_collective(name), comm.timed(name, nbytes) if comm is not None else nullcontext():
         yield
 
 
@@ -101,8 +101,11 @@ class AllToAllDispatcher:
         """Index that reorders rows from (source rank, local expert) to (local expert, source rank)."""
         P, L = counts_PL.shape
         starts_PL = (torch.cumsum(counts_PL.reshape(-1), 0) - counts_PL.reshape(-1)).view(P, L)
-        pieces = [torch.arange(int(starts_PL[p, e]), int(starts_PL[p, e] + counts_PL[p, e]))
-                  for e in range(L) for p in range(P)]
+        pieces = [
+            torch.arange(int(starts_PL[p, e]), int(starts_PL[p, e] + counts_PL[p, e]))
+            for e in range(L)
+            for p in range(P)
+        ]
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
     # ---- communication ----------------------------------------------------------------------
@@ -152,8 +155,9 @@ class AllToAllDispatcher:
         counts_E = torch.tensor(kept_E, dtype=torch.long, device=x_TD.device)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         # output_size: the row count is known on the host, so repeat_interleave need not sync to learn it.
-        expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=x_TD.device), counts_E,
-                                           output_size=x_home_RD.shape[0])
+        expert_R = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=x_TD.device), counts_E, output_size=x_home_RD.shape[0]
+        )
         slot_R = expert_R * C + (torch.arange(expert_R.numel(), device=x_TD.device) - starts_E[expert_R])
         padded = x_home_RD.new_zeros(self.num_experts * C, x_home_RD.shape[1]).index_copy(0, slot_R, x_home_RD)
         split = [L * C] * P

@@ -67,9 +67,7 @@ class ParallelLayout:
     def check_experts(self, num_experts: int) -> int:
         """Experts per rank; refuses counts that do not split evenly."""
         if num_experts % self.ep_size:
-            raise LayoutError(
-                f"moe.num_experts={num_experts} must be divisible by parallel.ep_size={self.ep_size}"
-            )
+            raise LayoutError(f"moe.num_experts={num_experts} must be divisible by parallel.ep_size={self.ep_size}")
         return num_experts // self.ep_size
 
     def local_experts(self, rank: int, num_experts: int) -> range:

@@ -27,7 +27,7 @@ def shard_expert_state(full: dict[str, Tensor], ep_rank: int, ep_size: int) -> d
             if t.shape[0] % ep_size:
                 raise ValueError(f"{name}: {t.shape[0]} experts cannot be split over ep_size={ep_size}")
             per = t.shape[0] // ep_size
-            t = t[ep_rank * per:(ep_rank + 1) * per].clone()
+            t = t[ep_rank * per : (ep_rank + 1) * per].clone()
         out[name] = t
     return out
 

@@ -25,8 +25,13 @@ def _per_attempt_store(timeout: datetime.timedelta):
     the restart count gives every attempt fresh keys. None when not under torchelastic."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
-    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                         int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
     return dist.PrefixStore(f"msmoe/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
@@ -49,8 +54,13 @@ def init_for_deepspeed(pcfg: ParallelConfig, device: str, local_rank: int) -> No
         if store is None:
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
-            dist.init_process_group(backend=backend, timeout=timeout, store=store,
-                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+            dist.init_process_group(
+                backend=backend,
+                timeout=timeout,
+                store=store,
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+            )
     import deepspeed
 
     if not use_cuda:

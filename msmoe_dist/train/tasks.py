@@ -9,13 +9,12 @@ one would have read (mid-epoch included).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-
 
 from msmoe_dist.config.output_layer import check_cutoffs
 from msmoe_dist.config.schema import (
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
 
 class Task(Protocol):
     rate_key: str  # the throughput metric: tokens_per_s or images_per_s
+
     @property
     def probe_stream(self) -> torch.Tensor | None: ...  # token ids the routing-fluctuation probe reads (LM)
 

@@ -25,10 +25,26 @@ pytestmark = pytest.mark.slow
 
 
 def train_args(tmp_path, run, *extra):
-    return ["-m", "msmoe_dist.cli", "train", "--config", "configs/quickstart.yaml", f"train.run_dir={tmp_path / run}",
-            f"data.path={tmp_path / 'data'}", "data.synthetic_lines=1500", "model.num_layers=2",
-            "parallel.ep_size=2", "parallel.zero_stage=1", "train.progress=false", "logging.log_every=1",
-            "train.eval_batches=2", "optim.schedule=constant", "model.dropout=0.1", "parallel.timeout_s=180", *extra]
+    return [
+        "-m",
+        "msmoe_dist.cli",
+        "train",
+        "--config",
+        "configs/quickstart.yaml",
+        f"train.run_dir={tmp_path / run}",
+        f"data.path={tmp_path / 'data'}",
+        "data.synthetic_lines=1500",
+        "model.num_layers=2",
+        "parallel.ep_size=2",
+        "parallel.zero_stage=1",
+        "train.progress=false",
+        "logging.log_every=1",
+        "train.eval_batches=2",
+        "optim.schedule=constant",
+        "model.dropout=0.1",
+        "parallel.timeout_s=180",
+        *extra,
+    ]
 
 
 def trace(run_dir):
@@ -47,14 +63,44 @@ def run_ok(cmd, timeout=400):
 
 
 def test_two_nodes_equal_one_node(tmp_path, free_port):
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            *train_args(tmp_path, "single", "train.max_steps=6")])
+    run_ok(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *train_args(tmp_path, "single", "train.max_steps=6"),
+        ]
+    )
     port = str(free_port())
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                               "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port,
-                               *train_args(tmp_path, "two_nodes", "train.max_steps=6")],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-             for n in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(n),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                *train_args(tmp_path, "two_nodes", "train.max_steps=6"),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=ENV,
+        )
+        for n in (0, 1)
+    ]
     outs = []
     for p in nodes:
         try:
@@ -81,11 +127,35 @@ def _rank_pid(agent: psutil.Process, rank: int) -> int | None:
 
 def test_elastic_restart_after_sigkill_loses_no_step(tmp_path):
     common = ["train.max_steps=14", "checkpoint.every_steps=3", "train.auto_resume=true"]
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            *train_args(tmp_path, "clean", *common)])
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "--max-restarts", "1", *train_args(tmp_path, "killed", *common)],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    run_ok(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *train_args(tmp_path, "clean", *common),
+        ]
+    )
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--max-restarts",
+            "1",
+            *train_args(tmp_path, "killed", *common),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
     metrics = tmp_path / "killed" / "metrics.jsonl"
     killed_at = None
     try:

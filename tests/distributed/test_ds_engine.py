@@ -25,11 +25,28 @@ V, B, S = 60, 2, 8
 
 
 def _cfg(*extra):
-    return load_config(None, [
-        "model.num_layers=2", "model.d_model=16", "model.num_heads=2", "model.max_seq_len=8", "data.seq_len=8",
-        f"data.batch_size={B}", "moe.num_experts=8", "moe.expert_ffn_dim=16", "moe.z_loss_coef=0.001",
-        "momentum.kind=heavy_ball", "optim.name=sgd", "optim.beta1=0.0", "optim.lr=0.5", "optim.grad_clip=0.05",
-        "parallel.engine=deepspeed", "train.max_steps=10", *extra])
+    return load_config(
+        None,
+        [
+            "model.num_layers=2",
+            "model.d_model=16",
+            "model.num_heads=2",
+            "model.max_seq_len=8",
+            "data.seq_len=8",
+            f"data.batch_size={B}",
+            "moe.num_experts=8",
+            "moe.expert_ffn_dim=16",
+            "moe.z_loss_coef=0.001",
+            "momentum.kind=heavy_ball",
+            "optim.name=sgd",
+            "optim.beta1=0.0",
+            "optim.lr=0.5",
+            "optim.grad_clip=0.05",
+            "parallel.engine=deepspeed",
+            "train.max_steps=10",
+            *extra,
+        ],
+    )
 
 
 def _model(cfg):
@@ -73,7 +90,7 @@ def _norm_worker(rank, world, ep, stage, gas):
     for n, p in ref.named_parameters():
         expect = before[n] - cfg.optim.lr * p.grad
         if is_expert_param(p):
-            expect = expect[lay.ep_rank(rank) * per:(lay.ep_rank(rank) + 1) * per]
+            expect = expect[lay.ep_rank(rank) * per : (lay.ep_rank(rank) + 1) * per]
         torch.testing.assert_close(mine[n].detach(), expect, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
     return res.grad_norm
 
@@ -98,8 +115,11 @@ def _ckpt_worker(rank, world, root):
     after_one = {n: p.detach().clone() for n, p in eng.model.named_parameters()}
 
     # a fresh engine from another seed, then load: every rank gets its own experts back
-    other = _engine(_cfg("parallel.ep_size=2", "parallel.zero_stage=1", "optim.name=adamw", "optim.lr=0.01",
-                         "train.seed=7"), rank, world)
+    other = _engine(
+        _cfg("parallel.ep_size=2", "parallel.zero_stage=1", "optim.name=adamw", "optim.lr=0.01", "train.seed=7"),
+        rank,
+        world,
+    )
     assert read_meta(step_dir).step == 2
     other.load_files(step_dir, read_meta(step_dir))
     for n, p in other.model.named_parameters():
@@ -114,12 +134,12 @@ def _ckpt_worker(rank, world, root):
     for n, p in before.items():
         if is_expert_key(n):
             r0 = lay2.ep_rank(rank) * 4
-            assert torch.equal(full[n][r0:r0 + 4], p), n
+            assert torch.equal(full[n][r0 : r0 + 4], p), n
     for ep in (1, 4):
         e = _engine(_cfg(f"parallel.ep_size={ep}", "parallel.zero_stage=1"), rank, world, init=full)
         per, r = 8 // ep, ParallelLayout(world, ep).ep_rank(rank)
         for n, p in e.model.named_parameters():
-            expect = full[n][r * per:(r + 1) * per] if is_expert_key(n) else full[n]
+            expect = full[n][r * per : (r + 1) * per] if is_expert_key(n) else full[n]
             assert torch.equal(p.detach(), expect), f"ep {ep} rank {rank} {n}"
     return sorted(os.listdir(step_dir))
 

@@ -25,14 +25,18 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 def _expert_grad_slice(full_grads, name, lay, rank):
     per = E // lay.ep_size
     r0 = lay.ep_rank(rank) * per
-    return full_grads[name][r0:r0 + per]
+    return full_grads[name][r0 : r0 + per]
 
 
 def _check_grads(model, ref_grads_mine, ref_grads_group, lay, rank, label):
     for name, p in model.named_parameters():
         if is_expert_param(p):
-            torch.testing.assert_close(p.grad, _expert_grad_slice(ref_grads_group, name, lay, rank), **TOL,
-                                       msg=lambda m: f"{label} {name}: {m}")
+            torch.testing.assert_close(
+                p.grad,
+                _expert_grad_slice(ref_grads_group, name, lay, rank),
+                **TOL,
+                msg=lambda m: f"{label} {name}: {m}",
+            )
         else:
             torch.testing.assert_close(p.grad, ref_grads_mine[name], **TOL, msg=lambda m: f"{label} {name}: {m}")
 
@@ -53,7 +57,7 @@ def _layer_cases(rank, world, ep_size, groups, lay):
             xs = [x.abs() for x in xs]
             with torch.no_grad():
                 ref.router.weight.abs_()
-                ref.router.weight[E - E // ep_size:] = -1.0
+                ref.router.weight[E - E // ep_size :] = -1.0
         gs = [torch.randn(12, D, generator=torch.Generator().manual_seed(200 + s)) for s in range(world)]
         ep = MoELayer(D, cfg)
         ep.load_state_dict(ref.state_dict())
@@ -92,8 +96,9 @@ def _lm_cases(rank, world, ep_size, groups, lay):
     cases = [(k, cf, "pre_ln") for k in ("none", "heavy_ball", "adam", "robust") for cf in (0.0, 1.0)]
     for kind, cf, style in [*cases, ("heavy_ball", 0.0, "reference")]:
         mcfg = ModelConfig(num_layers=3, d_model=D, num_heads=2, max_seq_len=8, block_style=style)
-        moe = MoEConfig(num_experts=E, top_k=2, expert_ffn_dim=24, capacity_factor=cf, balance_loss_coef=0.01,
-                        z_loss_coef=0.001)
+        moe = MoEConfig(
+            num_experts=E, top_k=2, expert_ffn_dim=24, capacity_factor=cf, balance_loss_coef=0.01, z_loss_coef=0.001
+        )
         mom = MomentumConfig(kind=kind)
         torch.manual_seed(0)
         ref = MoELanguageModel(mcfg, moe, mom, 40)

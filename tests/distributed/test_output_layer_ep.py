@@ -6,24 +6,47 @@ import torch
 
 from msmoe_dist.config import load_config
 from msmoe_dist.data import train_batch
-from msmoe_dist.moe import is_expert_param
 from msmoe_dist.models.build import build_model
+from msmoe_dist.moe import is_expert_param
 from msmoe_dist.parallel.runtime import Runtime
 from msmoe_dist.train.trainer import build_engine
 
 V, B, S, E = 60, 2, 8, 4
 STREAM = torch.randint(0, V, (2000,), generator=torch.Generator().manual_seed(0))
-CASES = {"chunked": ["model.output_layer=chunked", "model.output_chunk_tokens=5"],  # 16 tokens: 5 does not divide
-         "adaptive": ["model.output_layer=adaptive", "model.tie_embeddings=false", "model.adaptive_cutoffs=10,30",
-                      "model.adaptive_div_value=2.0"]}
+CASES = {
+    "chunked": ["model.output_layer=chunked", "model.output_chunk_tokens=5"],  # 16 tokens: 5 does not divide
+    "adaptive": [
+        "model.output_layer=adaptive",
+        "model.tie_embeddings=false",
+        "model.adaptive_cutoffs=10,30",
+        "model.adaptive_div_value=2.0",
+    ],
+}
 
 
 def _cfg(kind):
-    return load_config(None, [
-        "model.num_layers=2", "model.d_model=16", "model.num_heads=2", "model.max_seq_len=8", "data.seq_len=8",
-        f"data.batch_size={B}", f"moe.num_experts={E}", "moe.expert_ffn_dim=16", "momentum.kind=heavy_ball",
-        "optim.name=sgd", "optim.beta1=0.0", "optim.lr=0.5", "optim.grad_clip=0.05", "parallel.engine=deepspeed",
-        "parallel.ep_size=2", "parallel.zero_stage=2", *CASES[kind]])
+    return load_config(
+        None,
+        [
+            "model.num_layers=2",
+            "model.d_model=16",
+            "model.num_heads=2",
+            "model.max_seq_len=8",
+            "data.seq_len=8",
+            f"data.batch_size={B}",
+            f"moe.num_experts={E}",
+            "moe.expert_ffn_dim=16",
+            "momentum.kind=heavy_ball",
+            "optim.name=sgd",
+            "optim.beta1=0.0",
+            "optim.lr=0.5",
+            "optim.grad_clip=0.05",
+            "parallel.engine=deepspeed",
+            "parallel.ep_size=2",
+            "parallel.zero_stage=2",
+            *CASES[kind],
+        ],
+    )
 
 
 def _model(cfg):
@@ -49,7 +72,7 @@ def _worker(rank, world):
         for n, p in ref.named_parameters():
             expect = before[n] - cfg.optim.lr * p.grad
             if is_expert_param(p):
-                expect = expect[rank * per:(rank + 1) * per]
+                expect = expect[rank * per : (rank + 1) * per]
             torch.testing.assert_close(mine[n].detach(), expect, rtol=1e-5, atol=1e-6, msg=lambda m: f"{kind} {n}: {m}")
         norms[kind] = res.grad_norm
     return norms

@@ -64,7 +64,7 @@ def _check_epochs(windows: torch.Tensor) -> None:
     micro = windows.flatten(1, 2)  # [world, micro-batch index, B, S+1], micro-batch index = step * G + m
     expected_starts = sorted(lane * lane_len + w * S for lane in range(WORLD * B) for w in range(per_lane))
     for epoch in range(micro.shape[1] // per_lane):
-        ep = micro[:, epoch * per_lane:(epoch + 1) * per_lane]  # [world, per_lane, B, S+1]
+        ep = micro[:, epoch * per_lane : (epoch + 1) * per_lane]  # [world, per_lane, B, S+1]
         targets = [set(ep[r, :, :, 1:].flatten().tolist()) for r in range(WORLD)]
         # (a) the ranks never read the same target within an epoch: rank r reads only inside its own
         # contiguous shard, lanes r*B .. r*B+B-1, i.e. positions (r*B*lane_len, (r+1)*B*lane_len]
@@ -98,14 +98,36 @@ def test_two_ranks_disjoint_exact_cover_and_restart_matches(run_distributed):
 
 
 def _train_args(root: Path, run: str, *extra: str) -> list[str]:
-    return [f"train.run_dir={root / run}", f"data.path={root / 'data'}", "data.kind=synthetic",
-            "data.synthetic_lines=400", "data.sampler=sequential", "data.batch_size=2", "data.seq_len=16",
-            "model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.max_seq_len=16",
-            "model.dropout=0.1", "moe.num_experts=4", "moe.expert_ffn_dim=32", "momentum.kind=heavy_ball",
-            "parallel.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=1", "parallel.timeout_s=60",
-            "optim.schedule=constant", "optim.warmup_steps=0", "train.progress=false", "train.eval_every=0",
-            "train.eval_batches=1", "logging.log_every=1", "logging.tensorboard=false",
-            "checkpoint.every_steps=3", *extra]
+    return [
+        f"train.run_dir={root / run}",
+        f"data.path={root / 'data'}",
+        "data.kind=synthetic",
+        "data.synthetic_lines=400",
+        "data.sampler=sequential",
+        "data.batch_size=2",
+        "data.seq_len=16",
+        "model.num_layers=2",
+        "model.d_model=32",
+        "model.num_heads=2",
+        "model.max_seq_len=16",
+        "model.dropout=0.1",
+        "moe.num_experts=4",
+        "moe.expert_ffn_dim=32",
+        "momentum.kind=heavy_ball",
+        "parallel.engine=deepspeed",
+        "parallel.ep_size=2",
+        "parallel.zero_stage=1",
+        "parallel.timeout_s=60",
+        "optim.schedule=constant",
+        "optim.warmup_steps=0",
+        "train.progress=false",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "logging.log_every=1",
+        "logging.tensorboard=false",
+        "checkpoint.every_steps=3",
+        *extra,
+    ]
 
 
 def _trainer_worker(rank: int, world: int, root: str) -> list | None:

@@ -22,8 +22,15 @@ SWITCH = 5
 
 
 def _cfg(cf):
-    return MoEConfig(router="stablemoe", num_experts=E, top_k=1, expert_ffn_dim=24, capacity_factor=cf,
-                     stable_switch_step=SWITCH, stable_distill_dim=8)
+    return MoEConfig(
+        router="stablemoe",
+        num_experts=E,
+        top_k=1,
+        expert_ffn_dim=24,
+        capacity_factor=cf,
+        stable_switch_step=SWITCH,
+        stable_distill_dim=8,
+    )
 
 
 def _grads(model):
@@ -37,7 +44,7 @@ def _check(model, mine, group, lay, rank, label):
         if name not in mine:
             assert p.grad is None, f"{label} {name}: has a gradient the reference does not"
             continue
-        want = group[name][r0:r0 + per] if is_expert_param(p) else mine[name]
+        want = group[name][r0 : r0 + per] if is_expert_param(p) else mine[name]
         torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{label} {name}: {m}")
 
 

@@ -12,9 +12,34 @@ pytestmark = pytest.mark.slow
 
 
 def test_tiny_sweep_writes_json_and_png(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "msmoe_dist.cli", "bench", "sweep", "--ep", "1,2", "--experts", "4",
-                          "--tokens", "128", "--momentum", "heavy_ball", "--seq", "64", "--repeats", "2",
-                          "--out", str(tmp_path), "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "msmoe_dist.cli",
+            "bench",
+            "sweep",
+            "--ep",
+            "1,2",
+            "--experts",
+            "4",
+            "--tokens",
+            "128",
+            "--momentum",
+            "heavy_ball",
+            "--seq",
+            "64",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["points"] == 2 and summary["failures"] == []
@@ -28,6 +53,11 @@ def test_tiny_sweep_writes_json_and_png(tmp_path):
 
 
 def test_bad_grid_is_a_usage_error(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "msmoe_dist.cli", "bench", "sweep", "--ep", "1,two",
-                          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "msmoe_dist.cli", "bench", "sweep", "--ep", "1,two", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "expected comma-separated integers" in res.stderr

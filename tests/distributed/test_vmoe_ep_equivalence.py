@@ -16,11 +16,27 @@ from msmoe_dist.moe import is_expert_param
 from msmoe_dist.parallel import ParallelLayout, apply_expert_parallel, build_process_groups
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-BASE = ["model.kind=vit", "data.kind=synthetic_images", "vision.image_size=16", "vision.patch_size=4",
-        "vision.num_classes=7", "vision.synthetic_classes=7", "model.num_layers=4", "model.d_model=16", "model.num_heads=2", "moe.num_experts=4",
-        "moe.expert_ffn_dim=24", "moe.gate=softmax_topk", "moe.activation=gelu", "vision.pooling=gap"]
+BASE = [
+    "model.kind=vit",
+    "data.kind=synthetic_images",
+    "vision.image_size=16",
+    "vision.patch_size=4",
+    "vision.num_classes=7",
+    "vision.synthetic_classes=7",
+    "model.num_layers=4",
+    "model.d_model=16",
+    "model.num_heads=2",
+    "moe.num_experts=4",
+    "moe.expert_ffn_dim=24",
+    "moe.gate=softmax_topk",
+    "moe.activation=gelu",
+    "vision.pooling=gap",
+]
 CASES = [  # (momentum, capacity factor, images per rank)
-    ("none", 0.0, (3, 2)), ("heavy_ball", 1.05, (2, 2)), ("adam", 0.0, (2, 3)), ("robust", 8.0, (3, 1)),
+    ("none", 0.0, (3, 2)),
+    ("heavy_ball", 1.05, (2, 2)),
+    ("adam", 0.0, (2, 3)),
+    ("robust", 8.0, (3, 1)),
     ("heavy_ball", 8.0, (1, 3)),
 ]
 
@@ -56,7 +72,9 @@ def _worker(rank, world):
             if name not in mine:
                 assert p.grad is None, f"{label} {name}: a gradient the reference does not have"
                 continue
-            want = group[name][lay.ep_rank(rank) * 2:(lay.ep_rank(rank) + 1) * 2] if is_expert_param(p) else mine[name]
+            want = (
+                group[name][lay.ep_rank(rank) * 2 : (lay.ep_rank(rank) + 1) * 2] if is_expert_param(p) else mine[name]
+            )
             torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{label} {name}: {m}")
     return len(CASES)
 

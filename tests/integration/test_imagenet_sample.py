@@ -30,18 +30,31 @@ def trained(tmp_path_factory, cli):
     tmp = tmp_path_factory.mktemp("inet")
     link_tree(files, tmp / "imagenet" / "train")
     link_tree(files, tmp / "imagenet" / "val")
-    res = cli("train", "--config", "configs/imagenet/tiny_synthetic.yaml", "data.kind=imagenet",
-              f"data.path={tmp / 'imagenet'}", f"train.run_dir={tmp / 'run'}", "vision.num_classes=1000",
-              "vision.image_size=64", "vision.patch_size=16", "data.batch_size=8", "train.max_steps=6",
-              "train.eval_every=0", "train.progress=false", "vision.num_workers=0", "checkpoint.every_steps=0")
+    res = cli(
+        "train",
+        "--config",
+        "configs/imagenet/tiny_synthetic.yaml",
+        "data.kind=imagenet",
+        f"data.path={tmp / 'imagenet'}",
+        f"train.run_dir={tmp / 'run'}",
+        "vision.num_classes=1000",
+        "vision.image_size=64",
+        "vision.patch_size=16",
+        "data.batch_size=8",
+        "train.max_steps=6",
+        "train.eval_every=0",
+        "train.progress=false",
+        "vision.num_workers=0",
+        "checkpoint.every_steps=0",
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     return tmp, files
 
 
 def test_training_on_real_jpegs_maps_wnids_to_canonical_classes(trained):
     tmp, files = trained
-    from msmoe_dist.data.imagenet_classes import IMAGENET_WNIDS
     from msmoe_dist.checkpoint import read_meta, resolve_checkpoint
+    from msmoe_dist.data.imagenet_classes import IMAGENET_WNIDS
 
     seal = read_meta(resolve_checkpoint(tmp / "run")).data
     assert sorted(seal["classes"]) == sorted({f.name.split("_")[0] for f in files})
@@ -65,8 +78,19 @@ def test_robustness_eval_matches_a_hand_computation(trained, cli):
         for sev in range(1, 6):
             link_tree(files[sev::6], c_root / corruption / str(sev))
     out = tmp / "eval.json"
-    res = cli("eval", "--checkpoint", str(tmp / "run"), "--imagenet-a", str(tmp / "imagenet_a"),
-              "--imagenet-c", str(c_root), "--workers", "0", "--json", str(out))
+    res = cli(
+        "eval",
+        "--checkpoint",
+        str(tmp / "run"),
+        "--imagenet-a",
+        str(tmp / "imagenet_a"),
+        "--imagenet-c",
+        str(c_root),
+        "--workers",
+        "0",
+        "--json",
+        str(out),
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "top-1" in res.stderr and "mCE" in res.stderr
@@ -76,10 +100,10 @@ def test_robustness_eval_matches_a_hand_computation(trained, cli):
     assert c["partial"] and set(c["per_corruption"]) == {"gaussian_noise", "fog"}
 
     # By hand: the same weights, the masked argmax over the 200 ImageNet-A columns.
+    from msmoe_dist.checkpoint import load_full_weights, resolve_checkpoint
     from msmoe_dist.config.loader import config_from_dict
     from msmoe_dist.data.images import ImageFolderDataset, eval_transform
     from msmoe_dist.models import VisionMoE
-    from msmoe_dist.checkpoint import load_full_weights, resolve_checkpoint
 
     weights, meta = load_full_weights(resolve_checkpoint(tmp / "run"))
     cfg = config_from_dict(meta.config)

@@ -8,9 +8,16 @@ pytestmark = pytest.mark.slow
 
 
 def small(tmp_path, run="run", *extra):
-    return ["--config", "configs/quickstart.yaml", f"train.run_dir={tmp_path / run}",
-            f"data.path={tmp_path / 'data'}", "data.synthetic_lines=3000", "train.progress=false",
-            "logging.log_every=5", *extra]
+    return [
+        "--config",
+        "configs/quickstart.yaml",
+        f"train.run_dir={tmp_path / run}",
+        f"data.path={tmp_path / 'data'}",
+        "data.synthetic_lines=3000",
+        "train.progress=false",
+        "logging.log_every=5",
+        *extra,
+    ]
 
 
 def losses(run_dir):
@@ -19,8 +26,9 @@ def losses(run_dir):
 
 
 def test_quickstart_trains_writes_files_and_evaluates(tmp_path, cli):
-    res = cli("train", *small(tmp_path, "run", "train.max_steps=60", "train.eval_every=30",
-                              "checkpoint.every_steps=30"))
+    res = cli(
+        "train", *small(tmp_path, "run", "train.max_steps=60", "train.eval_every=30", "checkpoint.every_steps=30")
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     run_dir = tmp_path / "run"
     assert "run directory" in res.stdout and str(run_dir) in res.stdout
@@ -40,8 +48,19 @@ def test_quickstart_trains_writes_files_and_evaluates(tmp_path, cli):
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("loss", "ppl", "lr", "tokens_per_s", "aux_loss", "grad_norm", "moe/layer0/load_imbalance",
-                "moe/layer0/drop_fraction", "moe/layer3/router_entropy", "momentum/layer2/norm", "val/ppl"):
+    for tag in (
+        "loss",
+        "ppl",
+        "lr",
+        "tokens_per_s",
+        "aux_loss",
+        "grad_norm",
+        "moe/layer0/load_imbalance",
+        "moe/layer0/drop_fraction",
+        "moe/layer3/router_entropy",
+        "momentum/layer2/norm",
+        "val/ppl",
+    ):
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in acc.Scalars("loss")] == list(range(5, 61, 5))
 
@@ -72,8 +91,10 @@ def test_refuses_to_clobber_or_resume_wrongly(tmp_path, cli):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     other = cli("train", *small(tmp_path, "nothing_here", "train.resume=true"))
     assert other.returncode == 2 and "no complete checkpoint" in other.stderr
-    changed = cli("train", *small(tmp_path, "run", "train.max_steps=8", "train.resume=true", "model.d_model=64",
-                                  "model.num_heads=4"))
+    changed = cli(
+        "train",
+        *small(tmp_path, "run", "train.max_steps=8", "train.resume=true", "model.d_model=64", "model.num_heads=4"),
+    )
     assert changed.returncode == 2 and "model.d_model" in changed.stderr
     bad_eval = cli("eval", "--checkpoint", str(tmp_path / "missing"))
     assert bad_eval.returncode == 2 and len(bad_eval.stderr.strip().splitlines()) == 1

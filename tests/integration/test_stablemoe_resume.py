@@ -11,11 +11,26 @@ pytestmark = pytest.mark.slow
 def tiny(tmp_path, run, *extra):
     # The switch is at step 5; checkpoints every 4 steps, so the split points 4 and 8 lie on both sides.
     # A constant schedule, because the parts change train.max_steps; dropout exercises the RNG state.
-    return ["train", "--config", "configs/stablemoe/tiny.yaml", f"train.run_dir={tmp_path / run}",
-            f"data.path={tmp_path / 'data'}", "data.synthetic_lines=1500", "train.progress=false",
-            "logging.log_every=1", "logging.fluct_every=2", "logging.fluct_tokens=256", "moe.stable_switch_step=5",
-            "optim.schedule=constant", "optim.warmup_steps=2", "model.dropout=0.1", "checkpoint.every_steps=4",
-            "train.eval_batches=2", "train.eval_every=0", *extra]
+    return [
+        "train",
+        "--config",
+        "configs/stablemoe/tiny.yaml",
+        f"train.run_dir={tmp_path / run}",
+        f"data.path={tmp_path / 'data'}",
+        "data.synthetic_lines=1500",
+        "train.progress=false",
+        "logging.log_every=1",
+        "logging.fluct_every=2",
+        "logging.fluct_tokens=256",
+        "moe.stable_switch_step=5",
+        "optim.schedule=constant",
+        "optim.warmup_steps=2",
+        "model.dropout=0.1",
+        "checkpoint.every_steps=4",
+        "train.eval_batches=2",
+        "train.eval_every=0",
+        *extra,
+    ]
 
 
 def rows(run_dir):

@@ -27,16 +27,32 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-COMMON = ["--config", "configs/quickstart.yaml", "train.progress=false", "logging.tensorboard=false",
-          "optim.schedule=constant", "optim.warmup_steps=5"]
+COMMON = [
+    "--config",
+    "configs/quickstart.yaml",
+    "train.progress=false",
+    "logging.tensorboard=false",
+    "optim.schedule=constant",
+    "optim.warmup_steps=5",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(wt2, tmp_path_factory, cli):
     run_dir = tmp_path_factory.mktemp("runs") / "wt2"
-    res = cli("train", *COMMON, "data.kind=text", f"data.path={wt2}", f"train.run_dir={run_dir}",
-              "train.max_steps=40", "train.eval_every=10", "train.eval_batches=8", "logging.log_every=10",
-              "model.num_layers=2", "data.batch_size=8")
+    res = cli(
+        "train",
+        *COMMON,
+        "data.kind=text",
+        f"data.path={wt2}",
+        f"train.run_dir={run_dir}",
+        "train.max_steps=40",
+        "train.eval_every=10",
+        "train.eval_batches=8",
+        "logging.log_every=10",
+        "model.num_layers=2",
+        "data.batch_size=8",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return run_dir
 
@@ -64,8 +80,17 @@ def test_prepared_sequential_resume_equals_the_uninterrupted_run(wt2, tmp_path, 
     prep = tmp_path / "prep"
     res = cli("prepare", str(wt2), str(prep), "--no-progress")
     assert res.returncode == 0, res.stderr[-2000:]
-    args = [*COMMON, "data.kind=prepared", f"data.path={prep}", "data.sampler=sequential", "model.dropout=0.1",
-            "logging.log_every=1", "checkpoint.every_steps=4", "train.eval_batches=2", "model.num_layers=2"]
+    args = [
+        *COMMON,
+        "data.kind=prepared",
+        f"data.path={prep}",
+        "data.sampler=sequential",
+        "model.dropout=0.1",
+        "logging.log_every=1",
+        "checkpoint.every_steps=4",
+        "train.eval_batches=2",
+        "model.num_layers=2",
+    ]
     full = cli("train", *args, f"train.run_dir={tmp_path / 'full'}", "train.max_steps=8")
     assert full.returncode == 0, full.stderr[-2000:]
     part = cli("train", *args, f"train.run_dir={tmp_path / 'part'}", "train.max_steps=4")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from msmoe_dist.checkpoint import (
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     CheckpointMeta,
     latest_checkpoint,
     read_meta,
@@ -72,12 +72,19 @@ def test_keep_last_prunes_oldest(tmp_path):
 
 
 def test_metadata_keeps_the_flat_on_disk_format(tmp_path):
-    m = CheckpointMeta(7, LAYOUT, {"model": {"d_model": 8}}, {"vocab_size": 10, "vocab_sha256": "ab"},
-                       {"metrics": {"bytes": 12}})
+    m = CheckpointMeta(
+        7, LAYOUT, {"model": {"d_model": 8}}, {"vocab_size": 10, "vocab_sha256": "ab"}, {"metrics": {"bytes": 12}}
+    )
     Checkpointer(tmp_path, keep_last=1).save(m, Files("x"), "")
     on_disk = json.loads((tmp_path / "step_00000007" / "complete.json").read_text())
-    assert on_disk == {"step": 7, **LAYOUT, "config": {"model": {"d_model": 8}}, "vocab_size": 10,
-                       "vocab_sha256": "ab", "parts": {"metrics": {"bytes": 12}}}
+    assert on_disk == {
+        "step": 7,
+        **LAYOUT,
+        "config": {"model": {"d_model": 8}},
+        "vocab_size": 10,
+        "vocab_sha256": "ab",
+        "parts": {"metrics": {"bytes": 12}},
+    }
     assert read_meta(tmp_path / "step_00000007") == m
     # a checkpoint written before the metadata had a name (no parts) reads the same way
     old = {"step": 3, **LAYOUT, "config": {}, "num_classes": 10, "classes": ["a"]}
@@ -88,15 +95,25 @@ def test_metadata_keeps_the_flat_on_disk_format(tmp_path):
 
 def test_one_check_names_every_difference():
     cfg = load_config(None, [])
-    saved = CheckpointMeta(4, {**LAYOUT, "engine": "deepspeed", "world_size": 2, "ep_size": 2, "zero_stage": 1},
-                           config_to_dict(cfg))
+    saved = CheckpointMeta(
+        4, {**LAYOUT, "engine": "deepspeed", "world_size": 2, "ep_size": 2, "zero_stage": 1}, config_to_dict(cfg)
+    )
     now = load_config(None, ["moe.num_experts=4", "model.d_model=64"])
     with pytest.raises(CheckpointError) as err:
-        saved.check_resume(Path("step_00000004"), {**LAYOUT, "engine": "deepspeed", "world_size": 4, "ep_size": 2,
-                                                   "zero_stage": 2}, ModelSpec.of(now))
+        saved.check_resume(
+            Path("step_00000004"),
+            {**LAYOUT, "engine": "deepspeed", "world_size": 4, "ep_size": 2, "zero_stage": 2},
+            ModelSpec.of(now),
+        )
     msg = str(err.value)
-    for needle in ("cannot resume step_00000004", "moe.num_experts", "model.d_model", "world_size=4",
-                   "zero_stage=2", "checkpoint.init_from"):
+    for needle in (
+        "cannot resume step_00000004",
+        "moe.num_experts",
+        "model.d_model",
+        "world_size=4",
+        "zero_stage=2",
+        "checkpoint.init_from",
+    ):
         assert needle in msg, (needle, msg)
     assert "ep_size" not in msg and "\n" not in msg
     # the native engine keeps fp32 weights: its dtype may change; the weights-only check ignores the layout

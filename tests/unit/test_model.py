@@ -15,8 +15,16 @@ V = 50
 
 def make(kind="heavy_ball", style="pre_ln", layout="switch", position="learned", seed=0, **mom):
     torch.manual_seed(seed)
-    mcfg = ModelConfig(num_layers=4, d_model=32, num_heads=4, ffn_dim=48, max_seq_len=16, block_style=style,
-                       layout=layout, position=position)
+    mcfg = ModelConfig(
+        num_layers=4,
+        d_model=32,
+        num_heads=4,
+        ffn_dim=48,
+        max_seq_len=16,
+        block_style=style,
+        layout=layout,
+        position=position,
+    )
     moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=24, balance_loss_coef=0.01, z_loss_coef=0.001)
     return MoELanguageModel(mcfg, moe, MomentumConfig(kind=kind, **mom), V)
 
@@ -85,17 +93,25 @@ def test_tied_and_untied_embeddings():
     model = make()
     assert model.head.weight is model.tok_emb.weight
     torch.manual_seed(0)
-    untied = MoELanguageModel(ModelConfig(num_layers=2, d_model=32, num_heads=4, max_seq_len=16, tie_embeddings=False),
-                              MoEConfig(num_experts=4, top_k=1, expert_ffn_dim=8), MomentumConfig(), V)
+    untied = MoELanguageModel(
+        ModelConfig(num_layers=2, d_model=32, num_heads=4, max_seq_len=16, tie_embeddings=False),
+        MoEConfig(num_experts=4, top_k=1, expert_ffn_dim=8),
+        MomentumConfig(),
+        V,
+    )
     assert untied.head.weight is not untied.tok_emb.weight
 
 
 def test_no_tensor_state_left_on_modules_after_forward():
     model = make("adam")
     x, y = batch()
-    tensors_before = {(n, k) for n, m in model.named_modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+    tensors_before = {
+        (n, k) for n, m in model.named_modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)
+    }
     model(x, y)
-    tensors_after = {(n, k) for n, m in model.named_modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+    tensors_after = {
+        (n, k) for n, m in model.named_modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)
+    }
     assert tensors_after == tensors_before
 
 

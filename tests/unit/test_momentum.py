@@ -9,7 +9,6 @@ from msmoe_dist.config.schema import MomentumConfig
 from msmoe_dist.momentum import MomentumState, MomentumUpdate, robust_coefficients
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     old = torch.get_default_dtype()
@@ -82,8 +81,9 @@ def test_proposition_1_momentum_converges_where_gd_diverges():
     assert hb[-1].norm() < 1e-6 * x0.norm()
     # and just outside the interval heavy-ball diverges too: the bound is tight
     A_out = spd_matrix([3.5], seed=5)
-    hb_out = run_stack(MomentumUpdate(MomentumConfig(kind="heavy_ball", mu=mu, gamma=gamma), 200), A_out,
-                       torch.ones(1, 1), 200)
+    hb_out = run_stack(
+        MomentumUpdate(MomentumConfig(kind="heavy_ball", mu=mu, gamma=gamma), 200), A_out, torch.ones(1, 1), 200
+    )
     assert hb_out[-1].abs().max() > 1e3
 
 

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from msmoe_dist.checkpoint import CheckpointError, CheckpointMeta
 from msmoe_dist.config.loader import ConfigError, config_to_dict, load_config
+from msmoe_dist.config.model_spec import ModelSpec
 from msmoe_dist.config.schema import Config, ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.eval.lm import evaluate_lm
 from msmoe_dist.models import MoELanguageModel
 from msmoe_dist.models.output import chunked_cross_entropy
-from msmoe_dist.checkpoint import CheckpointError, CheckpointMeta
-from msmoe_dist.config.model_spec import ModelSpec
 from msmoe_dist.train.errors import TrainError
 from msmoe_dist.train.tasks import resolve_vocab_size
 
@@ -23,9 +23,18 @@ V = 60
 
 def make(output_layer="full", tie=True, chunk=5, cutoffs="10,30", seed=0, style="pre_ln"):
     torch.manual_seed(seed)
-    mcfg = ModelConfig(num_layers=2, d_model=16, num_heads=2, max_seq_len=16, block_style=style,
-                       tie_embeddings=tie, output_layer=output_layer, output_chunk_tokens=chunk,
-                       adaptive_cutoffs=cutoffs, adaptive_div_value=2.0)
+    mcfg = ModelConfig(
+        num_layers=2,
+        d_model=16,
+        num_heads=2,
+        max_seq_len=16,
+        block_style=style,
+        tie_embeddings=tie,
+        output_layer=output_layer,
+        output_chunk_tokens=chunk,
+        adaptive_cutoffs=cutoffs,
+        adaptive_div_value=2.0,
+    )
     moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=16)
     return MoELanguageModel(mcfg, moe, MomentumConfig(kind="heavy_ball"), V)
 
@@ -224,8 +233,9 @@ def test_adaptive_with_tied_embeddings_is_refused():
 
 @pytest.mark.parametrize("cutoffs", ["40000,20000", "20,20", "0,10", "ten,20", "", "10,,20", "-5"])
 def test_bad_cutoffs_are_refused(cutoffs):
-    msg = _config_error(["model.output_layer=adaptive", "model.tie_embeddings=false",
-                         f"model.adaptive_cutoffs={cutoffs}"])
+    msg = _config_error(
+        ["model.output_layer=adaptive", "model.tie_embeddings=false", f"model.adaptive_cutoffs={cutoffs}"]
+    )
     assert "model.adaptive_cutoffs" in msg
 
 

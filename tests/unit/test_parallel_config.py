@@ -32,11 +32,23 @@ def test_parallel_config_errors(overrides, needle):
 
 
 def test_generated_deepspeed_config_and_user_override(tmp_path):
-    cfg = load_config(None, ["parallel.zero_stage=2", "train.dtype=bf16", "train.grad_accum_steps=4",
-                             "optim.grad_clip=0.5", "data.batch_size=3"])
+    cfg = load_config(
+        None,
+        [
+            "parallel.zero_stage=2",
+            "train.dtype=bf16",
+            "train.grad_accum_steps=4",
+            "optim.grad_clip=0.5",
+            "data.batch_size=3",
+        ],
+    )
     ds = build_ds_config(*_sections(cfg))
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"]) == (4, 3, 0.5)
+    assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"], ds["gradient_clipping"]) == (
+        4,
+        3,
+        0.5,
+    )
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"allgather_bucket_size": 1000}, "gradient_clipping": 2.0}))
     cfg.parallel.deepspeed_config = str(user)
@@ -44,11 +56,22 @@ def test_generated_deepspeed_config_and_user_override(tmp_path):
     assert merged["zero_optimization"] == {**ds["zero_optimization"], "allgather_bucket_size": 1000}
     assert merged["gradient_clipping"] == 2.0
     # stage 0: DeepSpeed's clipping would miss other ranks' experts, so it is ours
-    assert build_ds_config(*_sections(load_config(None, ["parallel.zero_stage=0", "optim.grad_clip=1"])))["gradient_clipping"] == 0
+    assert (
+        build_ds_config(*_sections(load_config(None, ["parallel.zero_stage=0", "optim.grad_clip=1"])))[
+            "gradient_clipping"
+        ]
+        == 0
+    )
 
 
-@pytest.mark.parametrize("content,needle", [("{not json", "not valid JSON"), ("[1]", "JSON object"),
-                                            ('{"zero_optimization": {"stage": 3}}', "stage=3 is refused")])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1]", "JSON object"),
+        ('{"zero_optimization": {"stage": 3}}', "stage=3 is refused"),
+    ],
+)
 def test_bad_user_deepspeed_json(tmp_path, content, needle):
     f = tmp_path / "ds.json"
     f.write_text(content)
@@ -63,7 +86,11 @@ def test_bad_user_deepspeed_json(tmp_path, content, needle):
 def test_launcher_local_rank_is_stripped(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert strip_launcher_args(["--local_rank=1", "train", "--config", "x.yaml", "a.b=1"]) == [
-        "train", "--config", "x.yaml", "a.b=1"]
+        "train",
+        "--config",
+        "x.yaml",
+        "a.b=1",
+    ]
     import os
 
     assert os.environ["LOCAL_RANK"] == "1"

@@ -32,7 +32,9 @@ def test_groups_partition_ranks_and_experts(world, ep):
 
 
 def test_bad_degrees_are_refused():
-    with pytest.raises(LayoutError, match=r"parallel.ep_size=3 must divide the world size 4 \(expected one of 1, 2, 4\)"):
+    with pytest.raises(
+        LayoutError, match=r"parallel.ep_size=3 must divide the world size 4 \(expected one of 1, 2, 4\)"
+    ):
         ParallelLayout(4, 3)
     with pytest.raises(LayoutError, match="moe.num_experts=6 must be divisible by parallel.ep_size=4"):
         ParallelLayout(4, 4).check_experts(6)

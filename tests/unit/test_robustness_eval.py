@@ -62,12 +62,15 @@ def test_subset_lists_known_members():
     assert len(a & r) == 86
 
 
-@pytest.mark.parametrize("name,index_sum,first,last", [
-    # hendrycks/natural-adv-examples eval.py indices_in_1k (= timm imagenet_a_indices.txt)
-    ("imagenet_a", 102178, [6, 11, 13, 15, 17], [981, 984, 986, 987, 988]),
-    # timm/data/_info/imagenet_r_indices.txt
-    ("imagenet_r", 86135, [1, 2, 4, 6, 8], [967, 980, 981, 983, 988]),
-])
+@pytest.mark.parametrize(
+    "name,index_sum,first,last",
+    [
+        # hendrycks/natural-adv-examples eval.py indices_in_1k (= timm imagenet_a_indices.txt)
+        ("imagenet_a", 102178, [6, 11, 13, 15, 17], [981, 984, 986, 987, 988]),
+        # timm/data/_info/imagenet_r_indices.txt
+        ("imagenet_r", 86135, [1, 2, 4, 6, 8], [967, 980, 981, 983, 988]),
+    ],
+)
 def test_masks_against_the_real_1000_class_list(name, index_sum, first, last):
     all_wnids = _imagenet_1k()
     assert len(all_wnids) == 1000 and all_wnids == sorted(all_wnids)
@@ -93,8 +96,8 @@ def test_restricted_logits_pick_the_subset_class_over_a_larger_outside_logit():
     outside = [i for i, w in enumerate(all_wnids) if w not in set(sub.wnids)]
     logits = torch.zeros(200, 1000)
     for pos, wnid in enumerate(sub.wnids):
-        logits[pos, all_wnids.index(wnid)] = 5.0   # the right class, only large column inside the subset
-        logits[pos, outside[pos]] = 9.0            # a larger logit the mask must drop
+        logits[pos, all_wnids.index(wnid)] = 5.0  # the right class, only large column inside the subset
+        logits[pos, outside[pos]] = 9.0  # a larger logit the mask must drop
     assert sub.restrict(logits).shape == (200, 200)
     assert torch.equal(sub.restrict(logits).argmax(dim=1), torch.arange(200))
     assert not torch.equal(logits.argmax(dim=1), sub.index_S)
@@ -121,9 +124,11 @@ def test_folder_label_map_sends_folder_classes_to_mask_positions():
 
 def test_mask_errors_are_one_line_value_errors():
     all_wnids = ["n00000001", "n00000002"]
-    for bad, pattern in ((["n00000009"], "not among the classifier's 2 classes"),
-                         (["n00000001", "n00000001"], "repeats wnid"),
-                         ([], "empty")):
+    for bad, pattern in (
+        (["n00000009"], "not among the classifier's 2 classes"),
+        (["n00000001", "n00000001"], "repeats wnid"),
+        ([], "empty"),
+    ):
         with pytest.raises(ValueError, match=pattern) as info:
             subset_mask(bad, all_wnids)
         assert isinstance(info.value, RobustnessError) and "\n" not in str(info.value)
@@ -137,9 +142,13 @@ def test_mask_errors_are_one_line_value_errors():
 
 
 def test_topk_correct_by_hand():
-    logits = torch.tensor([[0.1, 0.9, 0.3, 0.2],   # label 1: rank 1
-                           [0.8, 0.1, 0.7, 0.0],   # label 2: rank 2
-                           [0.0, 0.1, 0.2, 0.3]])  # label 0: rank 4
+    logits = torch.tensor(
+        [
+            [0.1, 0.9, 0.3, 0.2],  # label 1: rank 1
+            [0.8, 0.1, 0.7, 0.0],  # label 2: rank 2
+            [0.0, 0.1, 0.2, 0.3],
+        ]
+    )  # label 0: rank 4
     labels = torch.tensor([1, 2, 0])
     assert topk_correct(logits, labels, ks=(1, 2, 3)) == {"top1": 1, "top2": 2, "top3": 2}
     assert topk_correct(logits, labels, ks=(4,)) == {"top4": 3}
@@ -152,8 +161,8 @@ def test_topk_correct_by_hand():
 # ----------------------------------------------------------------------------- mCE
 
 # AlexNet means over severities 1-5 (shipped): gaussian_noise 0.886428, brightness 0.564592; clean 0.43478.
-GAUSS = {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8, 5: 0.9}       # sum 3.5, mean 0.7
-BRIGHT = {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5}      # sum 1.5, mean 0.3
+GAUSS = {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8, 5: 0.9}  # sum 3.5, mean 0.7
+BRIGHT = {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5}  # sum 1.5, mean 0.3
 
 
 def test_ce_is_ratio_of_summed_errors_by_hand():
@@ -178,7 +187,7 @@ def test_full_benchmark_mce_with_custom_reference():
     # corruption i has error 0.04 * (i + 1) at every severity: CE_i = 0.04 (i + 1) / 0.8 = 0.05 (i + 1)
     errors = {c: {s: 0.04 * (i + 1) for s in range(1, 6)} for i, c in enumerate(BENCHMARK_CORRUPTIONS)}
     res = mce(errors, alexnet, clean_error=0.1, alexnet_clean_error=0.4)
-    assert res["mce"] == pytest.approx(0.05 * 8)               # mean of 0.05 * (1..15) = 0.05 * 8
+    assert res["mce"] == pytest.approx(0.05 * 8)  # mean of 0.05 * (1..15) = 0.05 * 8
     assert res["mean_error"] == pytest.approx(0.04 * 8)
     assert res["relative_mce"] == pytest.approx((0.04 * 8 - 0.1) / (0.8 - 0.4))
     assert not res["partial"] and res["missing"] == [] and res["incomplete"] == []
@@ -210,12 +219,14 @@ def test_partial_severities_are_computed_on_present_ones_and_flagged():
 
 
 def test_mce_input_errors():
-    for errors, pattern in (({}, "no ImageNet-C errors"),
-                            ({"gaussian_noise": {1: 50.0}}, r"in \[0, 1\]"),
-                            ({"gaussian_noise": {6: 0.5}}, "severities 1-5"),
-                            ({"gaussian_noise": {}}, "empty"),
-                            ({"gaussian_noise": {1: 0.5, "1": 0.6}}, "twice"),
-                            ({"rain": {1: 0.5}}, "no AlexNet reference error for corruption 'rain'")):
+    for errors, pattern in (
+        ({}, "no ImageNet-C errors"),
+        ({"gaussian_noise": {1: 50.0}}, r"in \[0, 1\]"),
+        ({"gaussian_noise": {6: 0.5}}, "severities 1-5"),
+        ({"gaussian_noise": {}}, "empty"),
+        ({"gaussian_noise": {1: 0.5, "1": 0.6}}, "twice"),
+        ({"rain": {1: 0.5}}, "no AlexNet reference error for corruption 'rain'"),
+    ):
         with pytest.raises(RobustnessError, match=pattern):
             mce(errors)
     with pytest.raises(RobustnessError, match="clean_error"):
@@ -237,8 +248,9 @@ def test_format_table_is_aligned_and_marks_partial_results():
     assert len({len(ln) for ln in lines[:3]}) == 1  # header and rows share column widths
     assert "gaussian_noise" in lines[1] and "78.97" not in lines[1] and "79.0" in lines[1]
     assert "mCE (2/15, partial)" in text and "missing benchmark corruptions: shot_noise" in text
-    combined = format_table({"imagenet_a": {"num_images": 7500, "top1_acc": 0.1, "top5_acc": 0.3, "top1_error": 0.9},
-                             "imagenet_c": res})
+    combined = format_table(
+        {"imagenet_a": {"num_images": 7500, "top1_acc": 0.1, "top5_acc": 0.3, "top1_error": 0.9}, "imagenet_c": res}
+    )
     assert "7,500" in combined and "imagenet_c:" in combined and "mCE" in combined
 
 

@@ -36,8 +36,9 @@ def test_uneven_stream_covers_the_documented_set_once():
     lane_len, windows = sequential_layout(n, B, S, world)
     assert (lane_len, windows) == ((n - 1) // (world * B), ((n - 1) // (world * B)) // S)
     seen = _targets(torch.arange(n), range(windows), B, S, world)
-    expected = Counter(t for lane in range(world * B)
-                       for t in range(lane * lane_len + 1, lane * lane_len + windows * S + 1))
+    expected = Counter(
+        t for lane in range(world * B) for t in range(lane * lane_len + 1, lane * lane_len + windows * S + 1)
+    )
     assert seen == expected and max(seen.values()) == 1
 
 
@@ -54,8 +55,10 @@ def test_ranks_read_contiguous_shards_in_order_and_wrap():
             x_next, _ = sequential_batch(stream, step + 1, B, S, rank, world)
             assert torch.equal(y, x + 1) and torch.equal(x_next[:, 0], y[:, -1])  # the next window continues
         for step in (windows, 2 * windows + 3):  # epoch boundary: back to the lane's start
-            assert torch.equal(sequential_batch(stream, step, B, S, rank, world)[0],
-                               sequential_batch(stream, step % windows, B, S, rank, world)[0])
+            assert torch.equal(
+                sequential_batch(stream, step, B, S, rank, world)[0],
+                sequential_batch(stream, step % windows, B, S, rank, world)[0],
+            )
 
 
 def test_resumed_steps_equal_the_uninterrupted_ones():

@@ -14,8 +14,9 @@ E, D, V = 4, 8, 30
 
 
 def stable_cfg(**kw) -> MoEConfig:
-    base = dict(router="stablemoe", num_experts=E, top_k=1, expert_ffn_dim=16, stable_switch_step=3,
-                stable_distill_dim=6)
+    base = dict(
+        router="stablemoe", num_experts=E, top_k=1, expert_ffn_dim=16, stable_switch_step=3, stable_distill_dim=6
+    )
     return MoEConfig(**{**base, **kw})
 
 
@@ -24,8 +25,10 @@ def test_balance_loss_against_a_hand_computation():
     scores = torch.tensor([[1.0, 0.0], [0.5, -1.0], [2.0, 1.0], [0.0, 0.3], [-1.0, 2.0]], requires_grad=True)
     experts = torch.tensor([0, 0, 0, 1, 1])
     s = torch.sigmoid
-    expected = ((3 - 2.5) / 2.5 * (s(torch.tensor(1.0)) + s(torch.tensor(0.5)) + s(torch.tensor(2.0)))
-                + (2 - 2.5) / 2.5 * (s(torch.tensor(0.3)) + s(torch.tensor(2.0)))) / 5
+    expected = (
+        (3 - 2.5) / 2.5 * (s(torch.tensor(1.0)) + s(torch.tensor(0.5)) + s(torch.tensor(2.0)))
+        + (2 - 2.5) / 2.5 * (s(torch.tensor(0.3)) + s(torch.tensor(2.0)))
+    ) / 5
     loss = stable_balance_loss(scores, experts)
     torch.testing.assert_close(loss, expected)
     loss.backward()

@@ -81,8 +81,17 @@ def _model():
 
 def _recorder(tmp_path, is_main=True, resume_step=None):
     stream = torch.randint(0, 20, (200,), generator=torch.Generator().manual_seed(1))
-    return FluctuationRecorder(every=2, num_tokens=30, stream=stream, seq_len=8, batch_size=3, max_steps=5,
-                               run_dir=tmp_path, is_main=is_main, resume_step=resume_step)
+    return FluctuationRecorder(
+        every=2,
+        num_tokens=30,
+        stream=stream,
+        seq_len=8,
+        batch_size=3,
+        max_steps=5,
+        run_dir=tmp_path,
+        is_main=is_main,
+        resume_step=resume_step,
+    )
 
 
 def test_recorder_records_eval_routing_writes_plot_and_resumes(tmp_path):
@@ -101,8 +110,10 @@ def test_recorder_records_eval_routing_writes_plot_and_resumes(tmp_path):
     # Equal to the top-1 choice of each router in an evaluation forward over the same tokens.
     model.eval()
     seen = [[], []]
-    hooks = [b.moe.router.register_forward_hook(lambda m, i, o, k=k: seen[k].append(o.experts_TK[:, 0]))
-             for k, b in enumerate(model.blocks)]
+    hooks = [
+        b.moe.router.register_forward_hook(lambda m, i, o, k=k: seen[k].append(o.experts_TK[:, 0]))
+        for k, b in enumerate(model.blocks)
+    ]
     for w in rec.windows:
         model(w)
     for h in hooks:
@@ -136,7 +147,15 @@ def test_other_ranks_run_the_forwards_but_keep_and_write_nothing(tmp_path):
 
 
 def test_disabled_recorder_does_nothing(tmp_path):
-    rec = FluctuationRecorder(every=0, num_tokens=30, stream=torch.arange(50), seq_len=8, batch_size=3, max_steps=5,
-                              run_dir=tmp_path, is_main=True)
+    rec = FluctuationRecorder(
+        every=0,
+        num_tokens=30,
+        stream=torch.arange(50),
+        seq_len=8,
+        batch_size=3,
+        max_steps=5,
+        run_dir=tmp_path,
+        is_main=True,
+    )
     rec.maybe_record(5, None)
     assert rec.finish(Rows()) is None and not list(tmp_path.iterdir())

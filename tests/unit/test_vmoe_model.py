@@ -13,9 +13,20 @@ from msmoe_dist.moe import MoELayer
 from msmoe_dist.moe.router import Router, importance_loss, load_loss
 from msmoe_dist.momentum import MomentumState
 
-TINY = ["model.kind=vit", "data.kind=synthetic_images", "vision.image_size=32", "vision.patch_size=8",
-        "vision.num_classes=10", "model.num_layers=4", "model.d_model=32", "model.num_heads=4",
-        "moe.num_experts=4", "moe.expert_ffn_dim=32", "moe.activation=gelu", "moe.gate=softmax_topk"]
+TINY = [
+    "model.kind=vit",
+    "data.kind=synthetic_images",
+    "vision.image_size=32",
+    "vision.patch_size=8",
+    "vision.num_classes=10",
+    "model.num_layers=4",
+    "model.d_model=32",
+    "model.num_heads=4",
+    "moe.num_experts=4",
+    "moe.expert_ffn_dim=32",
+    "moe.activation=gelu",
+    "moe.gate=softmax_topk",
+]
 
 
 def tiny_cfg(*extra):
@@ -151,8 +162,7 @@ def test_vit_benchmark_prints_every_variant_against_vmoe():
     from msmoe_dist.bench.vit_step import run_vit_bench
 
     tiny = Path(__file__).resolve().parents[2] / "configs" / "imagenet" / "tiny_synthetic.yaml"
-    args = build_parser().parse_args(["vit", "--config", str(tiny), "--batch", "2",
-                                      "--repeats", "1", "--warmup", "0"])
+    args = build_parser().parse_args(["vit", "--config", str(tiny), "--batch", "2", "--repeats", "1", "--warmup", "0"])
     res = run_vit_bench(args)
     assert set(res["ratio_vs_smoe"]) == {"none", "heavy_ball", "adam", "robust"}
     assert res["ratio_vs_smoe"]["none"] == 1.0 and all(v > 0 for v in res["images_per_s"].values())
@@ -167,6 +177,8 @@ def test_resume_refuses_a_different_vision_network_but_not_other_augmentation():
 
     layout = {"engine": "native"}
     saved = CheckpointMeta(4, layout, config_to_dict(tiny_cfg()))
-    saved.check_resume(Path("step_4"), layout, ModelSpec.of(tiny_cfg("vision.mixup_alpha=0.2", "vision.randaugment_ops=2")))
+    saved.check_resume(
+        Path("step_4"), layout, ModelSpec.of(tiny_cfg("vision.mixup_alpha=0.2", "vision.randaugment_ops=2"))
+    )
     with pytest.raises(CheckpointError, match="vision.patch_size"):
         saved.check_resume(Path("step_4"), layout, ModelSpec.of(tiny_cfg("vision.patch_size=16")))
