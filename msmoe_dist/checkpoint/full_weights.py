@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
+import sys
 from pathlib import Path
 
 import torch
 
+from msmoe_dist.checkpoint.integrity import verify_files
 from msmoe_dist.checkpoint.layout import DEEPSPEED_MARKER_PREFIX, DEEPSPEED_MODEL, EXPERTS_GLOB, NATIVE_STATE
 from msmoe_dist.checkpoint.manager import torch_load
 from msmoe_dist.checkpoint.meta import CheckpointError, CheckpointMeta, read_meta
@@ -13,9 +16,18 @@ from msmoe_dist.parallel.sharding import join_expert_shards
 
 
 def load_full_weights(step_dir: Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
-    """(state dict holding all experts, the checkpoint's metadata). Tensors come back as fp32."""
+    """(state dict holding all experts, the checkpoint's metadata). Tensors come back as fp32.
+
+    The files it reads are verified against the checksums recorded at save first (CheckpointCorrupt
+    names any that differ); the optimiser files, which it does not read, are not."""
     meta = read_meta(step_dir)
     engine = meta.layout.get("engine")
+    weights = (NATIVE_STATE, DEEPSPEED_MODEL)
+    if not verify_files(step_dir, meta, only=lambda rel: rel in weights or fnmatch.fnmatch(rel, EXPERTS_GLOB)):
+        print(
+            f"note: {step_dir} was saved before checkpoints recorded checksums; its files are not verified",
+            file=sys.stderr,
+        )
     if engine == "native":
         state = torch_load(step_dir / NATIVE_STATE)["model"]
     elif engine == "deepspeed":

@@ -4,11 +4,22 @@ Protocol of a save: rank 0 makes `.step_N.partial/`; a barrier; every part write
 (every rank); a barrier; rank 0 writes config.yaml and then the metadata (complete.json, atomically),
 renames the directory to `step_N/` and only then replaces `latest` atomically. A crash at any point
 leaves `latest` on the previous complete checkpoint, and a partial directory is never read.
+
+Before the metadata, rank 0 records the size and checksum of every file in the partial directory
+(every rank's and DeepSpeed's files: all are written by then), so a reader can tell a bit-flipped or
+truncated file (integrity.py). A sealed checkpoint (one with complete.json) is never replaced: a save
+of a step that already has one is refused on every rank before anything is written.
+
+Readers take the newest *sealed* `step_*` directory (`latest_checkpoint`), not whatever `latest`
+names: a crash between the rename and the marker, or a marker left pointing at a directory that
+lost its metadata, must not make a run look empty (a fresh start would then overwrite it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from msmoe_dist.checkpoint.integrity import file_digests
 from msmoe_dist.checkpoint.layout import CONFIG, LATEST, META, partial_dir_name, step_dir_name
 from msmoe_dist.checkpoint.meta import CheckpointError, CheckpointMeta
 from msmoe_dist.io import atomic_write
@@ -38,6 +50,11 @@ class Checkpointer:
     def save(self, meta: CheckpointMeta, files: CheckpointFiles, config_yaml: str) -> Path:
         final = self.root / step_dir_name(meta.step)
         tmp = self.root / partial_dir_name(meta.step)
+        if is_complete(final):  # every rank sees the same directory: all refuse together, nobody waits
+            raise CheckpointError(
+                f"refusing to replace the sealed checkpoint {final} (a run never overwrites its own "
+                "checkpoints; expected train.resume=true to continue from the newest one)"
+            )
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
@@ -47,8 +64,10 @@ class Checkpointer:
         self.barrier()  # every rank has finished writing
         if self.is_main:
             atomic_write(tmp / CONFIG, config_yaml)
+            # hashed after every writer closed its file (they write through torch.save/DeepSpeed)
+            meta = dataclasses.replace(meta, files=file_digests(tmp))
             atomic_write(tmp / META, meta.to_json())
-            if final.exists():  # only a partial or superseded copy of this step can be here
+            if final.exists():  # an unsealed leftover of this step (sealed ones were refused above)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write(self.root / LATEST, final.name + "\n")
@@ -57,7 +76,7 @@ class Checkpointer:
         return final
 
     def _prune(self, protect: str) -> None:
-        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir() and _STEP_DIR.fullmatch(p.name))
         for old in steps[: -self.keep_last]:
             if old.name != protect:
                 shutil.rmtree(old, ignore_errors=True)
@@ -66,16 +85,36 @@ class Checkpointer:
         return latest_checkpoint(self.root)
 
 
+_STEP_DIR = re.compile(r"step_\d{8}")  # step_dir_name's form; set-aside copies (step_N.corrupt) do not match
+
+
 def is_complete(step_dir: Path) -> bool:
     return (step_dir / META).is_file()
 
 
+def sealed_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Every sealed checkpoint under ``ckpt_root`` (a step_* dir with its metadata), newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if _STEP_DIR.fullmatch(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    marker = ckpt_root / LATEST
-    if not marker.is_file():
-        return None
-    path = ckpt_root / marker.read_text().strip()
-    return path if is_complete(path) else None
+    """The newest sealed checkpoint (``latest`` names it after every complete save; this also holds
+    when a crash fell between the rename and the marker, or the marker names an unsealed directory)."""
+    found = sealed_checkpoints(ckpt_root)
+    return found[0] if found else None
+
+
+def set_aside(step_dir: Path, why: str) -> Path:
+    """Renames a checkpoint out of the way (never deletes it): step_N -> step_N.<why>[.k]."""
+    target = step_dir.with_name(f"{step_dir.name}.{why}")
+    k = 1
+    while target.exists():
+        target, k = step_dir.with_name(f"{step_dir.name}.{why}.{k}"), k + 1
+    os.replace(step_dir, target)
+    return target
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

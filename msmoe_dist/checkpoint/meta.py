@@ -5,7 +5,8 @@ On disk the metadata is one flat JSON object, as it always was:
      "config": {...the resolved config...}, "vocab_size": 512, "vocab_sha256": "...", "parts": {...}}
 The step is stored here and nowhere else. ``data`` is the task's fingerprint of its data (the
 vocabulary's size and hash, or the class list); ``parts`` holds the small states of the parts
-that live beside the checkpoint (the metrics log's position).
+that live beside the checkpoint (the metrics log's position); ``files`` the size and checksum of
+every other file of the checkpoint (integrity.py), absent in checkpoints saved before they were kept.
 """
 
 from __future__ import annotations
@@ -32,22 +33,26 @@ class CheckpointMeta:
     config: dict  # the resolved configuration of the run that saved it
     data: dict = field(default_factory=dict)  # the task's data fingerprint
     parts: dict = field(default_factory=dict)  # small states of side parts (metrics log position)
+    files: dict = field(default_factory=dict)  # {relative path: {"bytes": n, "blake2b": hex}}, filled by save
 
     def to_json(self) -> str:
         body = {"step": self.step, **self.layout, "config": self.config, **self.data}
         if self.parts:
             body["parts"] = self.parts
+        if self.files:
+            body["files"] = self.files
         return json.dumps(body, indent=1) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict) -> CheckpointMeta:
-        rest = {k: v for k, v in d.items() if k not in ("step", "config", "parts", *LAYOUT_KEYS)}
+        rest = {k: v for k, v in d.items() if k not in ("step", "config", "parts", "files", *LAYOUT_KEYS)}
         return cls(
             step=int(d["step"]),
             layout={k: d.get(k) for k in LAYOUT_KEYS},
             config=d.get("config", {}),
             data=rest,
             parts=d.get("parts", {}),
+            files=d.get("files", {}),
         )
 
     def layout_differences(self, now: dict) -> list[str]:

@@ -293,7 +293,11 @@ class TrainConfig:
     eval_every: int = opt(0, "Evaluate validation perplexity every N steps; 0 = only at the end.")
     eval_batches: int = opt(20, "Batches per evaluation; 0 = the whole validation stream.")
     progress: bool = opt(True, "Show a progress bar (loss, tokens/s, ETA).")
-    overwrite: bool = opt(False, "Allow starting a fresh run in a run_dir that already holds checkpoints.")
+    overwrite: bool = opt(
+        False,
+        "Start a fresh run in a run_dir that already holds checkpoints, deleting them (no shipped config sets it; "
+        "pass it on the command line when you mean it).",
+    )
 
 
 @dataclass
@@ -304,6 +308,13 @@ class CheckpointConfig:
         "",
         "Start a fresh run from the weights of this checkpoint (run dir or step dir; any engine and EP degree "
         "with the same total number of experts). Optimiser state, schedule and step start anew.",
+    )
+    on_corrupt: str = opt(
+        "fallback",
+        "A checkpoint whose files differ from the checksums recorded at save (bit flips, truncation), found "
+        "on resume: fallback renames it to step_N.corrupt (never deleted), says so on stderr and resumes from "
+        "the newest checkpoint that verifies; fail stops with one line naming the file.",
+        ("fallback", "fail"),
     )
 
 

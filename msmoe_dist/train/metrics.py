@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from msmoe_dist.train.errors import TrainError
+
 
 class MetricsLogger:
     """Appends rows to run_dir/metrics.jsonl and TensorBoard.
@@ -13,7 +15,9 @@ class MetricsLogger:
     `state_dict()` is the log's position, stored in each checkpoint's metadata; a run resumed from
     that checkpoint (`resume=` its state and step) cuts the log back to it, so rows logged after
     the checkpoint by the interrupted run are not repeated and the file reads as one uninterrupted
-    trace. TensorBoard drops its events past the step (purge_step).
+    trace. TensorBoard drops the events the interrupted run logged after the checkpoint's step
+    (purge_step=step + 1): the rows of that step itself (its training row, its validation point)
+    were logged before the checkpoint was saved, so both logs keep them.
     """
 
     def __init__(
@@ -29,15 +33,28 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def _cut(self, step: int, size: int | None) -> None:
         if size is not None and size <= self.path.stat().st_size:
             with self.path.open("r+b") as fh:
                 fh.truncate(size)
             return
-        # A checkpoint from before the position was recorded: keep the rows up to its step.
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        # A checkpoint from before the position was recorded (or a log shorter than it): keep the rows up to its step.
+        keep = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except (ValueError, AttributeError) as exc:
+                raise TrainError(
+                    f"{self.path} line {number} is not a JSON object ({exc}); expected one object per line: "
+                    "repair or delete that line (or move the file away) and resume again"
+                ) from None
+            if row_step <= step:
+                keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep))
 
     def state_dict(self) -> dict:

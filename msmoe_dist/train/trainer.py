@@ -10,18 +10,25 @@ environment (torchrun, the deepspeed launcher), else 1.
 from __future__ import annotations
 
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from msmoe_dist.checkpoint import (
     Checkpointer,
+    CheckpointError,
     CheckpointMeta,
-    latest_checkpoint,
     load_full_weights,
     read_meta,
     resolve_checkpoint,
+    resume_changes,
+    sealed_checkpoints,
+    set_aside,
+    verify_files,
 )
+from msmoe_dist.config.fields import arch_keys
 from msmoe_dist.config.loader import config_to_dict, config_to_yaml, save_config
 from msmoe_dist.config.model_spec import ModelSpec
 from msmoe_dist.config.schema import Config, ParallelConfig, TrainConfig
@@ -53,24 +60,97 @@ def engine_kind(pcfg: ParallelConfig, world_size: int) -> str:
     return kind
 
 
-def find_resume_point(train: TrainConfig) -> Path | None:
-    """Checks the run directory against train.resume/overwrite (read-only; every rank may call it)."""
+def prepare_run_dir(run_dir: Path, is_main: bool) -> None:
+    """Refuses a run directory that is a file or cannot be written, in one line, before any work."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"train.run_dir={run_dir} is a file; expected a directory (or a path that does not exist yet)")
+    if not is_main:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):  # permissions alone do not tell (read-only mounts, root)
+            pass
+    except OSError as exc:
+        raise TrainError(
+            f"cannot write to train.run_dir={run_dir}: {exc.strerror or exc}; expected a writable directory"
+        ) from None
+
+
+def resume_candidates(train: TrainConfig) -> list[Path]:
+    """The sealed checkpoints to resume from, newest first ([] = start fresh); refuses a fresh start
+    over existing checkpoints (read-only; every rank may call it)."""
     run_dir = Path(train.run_dir)
-    latest = latest_checkpoint(run_dir / "checkpoints")
+    sealed = sealed_checkpoints(run_dir / "checkpoints")
     if train.resume:
-        if latest is None:
+        if not sealed:
             raise TrainError(
                 f"train.resume=true but {run_dir / 'checkpoints'} holds no complete checkpoint (check train.run_dir)"
             )
-        return latest
+        return sealed
     if train.auto_resume:
-        return latest
-    if latest is not None and not train.overwrite:
+        return sealed
+    if sealed and not train.overwrite:
         raise TrainError(
-            f"{run_dir} already holds checkpoints (latest {latest.name}); expected train.resume=true to "
-            "continue it, train.overwrite=true to start over, or another train.run_dir"
+            f"{run_dir} already holds a run (latest checkpoint {sealed[0].name}); to continue it add "
+            "train.resume=true (with a larger train.max_steps), to start over train.overwrite=true (deletes its "
+            "checkpoints), or pass another train.run_dir"
         )
-    return None
+    return []
+
+
+def pick_checkpoint(candidates: list[Path], on_corrupt: str) -> tuple[Path, CheckpointMeta]:
+    """The newest candidate whose files match their recorded checksums (main rank only).
+
+    on_corrupt=fallback: a corrupt checkpoint is renamed to step_N.corrupt (kept, never deleted; a
+    later save of that step must not meet it), said on stderr, and the next older one is tried.
+    on_corrupt=fail: the first corrupt one stops the run, naming its files.
+    """
+    skipped = []
+    for step_dir in candidates:
+        try:
+            meta = read_meta(step_dir)
+            verified = verify_files(step_dir, meta)
+        except CheckpointError as exc:
+            if on_corrupt == "fail":
+                raise CheckpointError(
+                    f"{exc} (checkpoint.on_corrupt=fallback resumes from the newest checkpoint that verifies)"
+                ) from None
+            moved = set_aside(step_dir, "corrupt")
+            print(f"msmoe-train: {exc}; kept as {moved.name}, trying the previous checkpoint", file=sys.stderr)
+            skipped.append(step_dir.name)
+            continue
+        if not verified:
+            print(
+                f"msmoe-train: {step_dir} records no checksums (saved before they were kept); not verified",
+                file=sys.stderr,
+            )
+        if skipped:
+            print(
+                f"msmoe-train: resuming from {step_dir.name} instead of {skipped[0]}, which is corrupt", file=sys.stderr
+            )
+        return step_dir, meta
+    raise CheckpointError(
+        f"no checkpoint of {candidates[0].parent} verifies ({', '.join(skipped)} kept as *.corrupt); to start "
+        "over use train.overwrite=true or another train.run_dir"
+    )
+
+
+def agree_on_checkpoint(engine: Engine, candidates: list[Path], on_corrupt: str) -> Path:
+    """Rank 0 verifies (one reader of every file, not world_size of them) and every rank takes its choice."""
+    chosen, error = None, None
+    if engine.is_main:
+        try:
+            chosen, _ = pick_checkpoint(candidates, on_corrupt)
+        except CheckpointError as exc:
+            error = exc
+    # all_sum as a broadcast: rank 0 sends index + 1, or 0 when it found nothing usable
+    code = candidates.index(chosen) + 1 if chosen is not None else 0
+    (total,) = engine.all_sum([float(code if engine.is_main else 0)])
+    if error is not None:
+        raise error
+    if int(total) == 0:
+        raise CheckpointError("rank 0 found no usable checkpoint to resume from (its message says why)")
+    return candidates[int(total) - 1]
 
 
 def build_initial_model(cfg: Config, task: Task) -> MoEModel:
@@ -109,12 +189,28 @@ def build_engine(cfg: Config, kind: str, runtime: Runtime, model: MoEModel) -> E
     return DeepSpeedEngine(model, pg, cfg.moe.num_experts, cfg.optim, cfg.train, cfg.parallel, cfg.data.batch_size)
 
 
+def restore(engine: Engine, step_dir: Path, cfg: Config) -> CheckpointMeta:
+    """Checks that the checkpoint fits this run (one error naming every difference: layout, network,
+    then any other setting that may not change on resume), says which allowed settings changed, loads
+    the engine's files, and returns its metadata (the step to continue from, the metrics log's position)."""
+    meta = read_meta(step_dir)
+    meta.check_resume(step_dir, engine.layout_meta(), ModelSpec.of(cfg))
+    changed = resume_changes(step_dir, meta.config, config_to_dict(cfg), arch_keys("vision"))
+    if meta.step >= cfg.train.max_steps:
+        raise TrainError(f"checkpoint is at step {meta.step}, already >= train.max_steps={cfg.train.max_steps}")
+    if changed and engine.is_main:
+        print(f"msmoe-train: resuming {step_dir.name} with changed settings: {', '.join(changed)}", file=sys.stderr)
+    engine.load_files(step_dir, meta)
+    return meta
+
+
 def run(cfg: Config) -> dict:
     """Trains according to `cfg`; returns a summary dict (final losses and file locations)."""
     runtime = Runtime.from_env(cfg.train.device)
     kind = engine_kind(cfg.parallel, runtime.world_size)  # refuse impossible launches before touching anything
-    resume_from = find_resume_point(cfg.train)
     run_dir = Path(cfg.train.run_dir)
+    prepare_run_dir(run_dir, runtime.is_main)
+    candidates = resume_candidates(cfg.train)
     if kind == "deepspeed":
         runtime.start_distributed(cfg.parallel)
     task = make_task(cfg)
@@ -126,15 +222,10 @@ def run(cfg: Config) -> dict:
     if not runtime.is_main:
         task.load_data()
     engine = build_engine(cfg, kind, runtime, build_initial_model(cfg, task))
-    start, resumed = 0, None
-    if resume_from is not None:
-        resumed = read_meta(resume_from)
-        resumed.check_resume(resume_from, engine.layout_meta(), ModelSpec.of(cfg))
-        engine.load_files(resume_from, resumed)
-        start = resumed.step
-        if start >= cfg.train.max_steps:
-            raise TrainError(f"checkpoint is at step {start}, already >= train.max_steps={cfg.train.max_steps}")
-    elif engine.is_main and cfg.train.overwrite:
+    resumed = None
+    if candidates:
+        resumed = restore(engine, agree_on_checkpoint(engine, candidates, cfg.checkpoint.on_corrupt), cfg)
+    if resumed is None and engine.is_main and cfg.train.overwrite:
         for sub in ("checkpoints", "tensorboard"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
     engine.barrier()
@@ -182,7 +273,7 @@ def run(cfg: Config) -> dict:
         config_to_yaml(cfg),
         recorder_title=cfg.moe.router,
     )
-    final = trainer.fit(start)
+    final = trainer.fit(resume_step or 0)
     final.update(
         {
             "run_dir": str(run_dir),
@@ -199,6 +290,9 @@ __all__ = [
     "build_engine",
     "build_initial_model",
     "engine_kind",
-    "find_resume_point",
+    "pick_checkpoint",
+    "prepare_run_dir",
+    "restore",
+    "resume_candidates",
     "run",
 ]

@@ -1,6 +1,7 @@
 """The checkpoint protocol: `latest` moves only after a complete write; partial saves are never read;
 the metadata round-trips in the on-disk format older checkpoints have; one check names every difference."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
     # the next save of that step clears the leftovers and completes
     ck.save(meta(4), Files("four"), "")
     assert not (root / ".step_00000004.partial").exists()
-    assert read_meta(latest_checkpoint(root)) == meta(4)
+    assert read_meta(latest_checkpoint(root)).step == 4
 
 
 def test_unsealed_directory_is_not_a_checkpoint(tmp_path):
@@ -77,6 +78,7 @@ def test_metadata_keeps_the_flat_on_disk_format(tmp_path):
     )
     Checkpointer(tmp_path, keep_last=1).save(m, Files("x"), "")
     on_disk = json.loads((tmp_path / "step_00000007" / "complete.json").read_text())
+    files = on_disk.pop("files")
     assert on_disk == {
         "step": 7,
         **LAYOUT,
@@ -85,7 +87,8 @@ def test_metadata_keeps_the_flat_on_disk_format(tmp_path):
         "vocab_sha256": "ab",
         "parts": {"metrics": {"bytes": 12}},
     }
-    assert read_meta(tmp_path / "step_00000007") == m
+    assert sorted(files) == ["config.yaml", "state.pt"] and files["state.pt"]["bytes"] == 1
+    assert read_meta(tmp_path / "step_00000007") == dataclasses.replace(m, files=files)
     # a checkpoint written before the metadata had a name (no parts) reads the same way
     old = {"step": 3, **LAYOUT, "config": {}, "num_classes": 10, "classes": ["a"]}
     (tmp_path / "old").mkdir()
@@ -122,3 +125,30 @@ def test_one_check_names_every_difference():
     saved.check_weights(Path("s"), ModelSpec.of(cfg))
     with pytest.raises(CheckpointError, match="moe.num_experts"):
         saved.check_weights(Path("s"), ModelSpec.of(now))
+
+
+def test_newest_sealed_checkpoint_wins_over_the_marker(tmp_path):
+    ck = Checkpointer(tmp_path / "checkpoints", keep_last=3)
+    ck.save(meta(2), Files("two"), "")
+    root = tmp_path / "checkpoints"
+    (root / "step_00000004").mkdir()  # unsealed, and `latest` names it (say, its complete.json was lost)
+    (root / "latest").write_text("step_00000004\n")
+    assert latest_checkpoint(root).name == "step_00000002"
+    (root / "latest").unlink()  # a crash between the rename and the marker
+    ck2 = Checkpointer(root, keep_last=3)
+    ck2.save(meta(6), Files("six"), "")
+    (root / "latest").write_text("step_00000002\n")
+    assert latest_checkpoint(root).name == "step_00000006"
+    assert resolve_checkpoint(tmp_path).name == "step_00000006"
+
+
+def test_a_sealed_checkpoint_is_never_replaced(tmp_path):
+    ck = Checkpointer(tmp_path / "checkpoints", keep_last=3)
+    ck.save(meta(2), Files("two"), "")
+    with pytest.raises(CheckpointError, match="refusing to replace the sealed checkpoint"):
+        ck.save(meta(2), Files("again"), "")
+    assert (tmp_path / "checkpoints" / "step_00000002" / "state.pt").read_text() == "two"
+    # an unsealed leftover of a step is not a checkpoint: a save of that step replaces it
+    (tmp_path / "checkpoints" / "step_00000004").mkdir()
+    ck.save(meta(4), Files("four"), "")
+    assert (tmp_path / "checkpoints" / "step_00000004" / "state.pt").read_text() == "four"
