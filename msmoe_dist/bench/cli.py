@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     from msmoe_dist.bench.memory import add_memory_args
 
     add_memory_args(sub.add_parser("memory", help="peak memory of one WikiText-103 step per model.output_layer"))
+    from msmoe_dist.bench.gpu_check import add_gpu_check_args
+
+    add_gpu_check_args(sub.add_parser("gpu-check", help="one-GPU acceptance checks (launch/gpu_check.sh)"))
     return parser
 
 
@@ -48,9 +51,9 @@ def _print_table(result: dict) -> None:
     for key, val in result.items():
         if key.endswith("_ms") and isinstance(val, (int, float)):
             print(f"  {key:>16}: {val:9.2f} ms")
-        elif isinstance(val, dict) and key in ("step_ms", "ratio_vs_smoe", "images_per_s"):
+        elif isinstance(val, dict) and key in ("step_ms", "ratio_vs_smoe", "images_per_s", "tokens_per_s", "mfu"):
             for k, v in val.items():
-                print(f"  {key}.{k:>10}: {v:9.3f}")
+                print(f"  {key}.{k:>10}: " + ("-" if v is None else f"{v:9.3f}"))
     if "ratio" in result:
         print(f"  ratio ours/floor: {result['ratio']:.3f}")
 
@@ -104,7 +107,7 @@ def _run_parallel(args) -> dict:
     from msmoe_dist.bench.layer import run_layer_bench
 
     layer = args.command == "layer"
-    device, pg = _start(args.device, deepspeed_in_one_process=args.deepspeed) if layer else _start("cpu")
+    device, pg = _start(args.device, deepspeed_in_one_process=args.deepspeed) if layer else _start(args.device)
     try:
         with stdout_to_stderr():  # library chatter (DeepSpeed's MoE build) must not mix with the result
             return run_layer_bench(args, device, pg) if layer else run_step_bench(args, device, pg)
@@ -114,6 +117,10 @@ def _run_parallel(args) -> dict:
 
 def bench_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "gpu-check":
+        from msmoe_dist.bench.gpu_check import run_gpu_check
+
+        return run_gpu_check(args)
     if args.command == "memory":
         from msmoe_dist.bench.memory import print_table, run_memory_bench
 

@@ -42,14 +42,31 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", required=True, help="output directory (sweep.jsonl and the PNG curves)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per launch")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="passed to every `step` launch (cuda: one GPU per rank, NCCL; needs as many GPUs as the largest --ep)",
+    )
     p.add_argument("--json", action="store_true", help="print the collected results as one JSON object")
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
+    device = getattr(args, "device", "cpu")
+    gpus = _cuda_device_count() if device == "cuda" else 0
     for ep, experts, tokens, kind in itertools.product(args.ep, args.experts, args.tokens, args.momentum):
+        if device == "cuda" and ep > gpus:
+            failures.append({"ep": ep, "experts": experts, "error": f"needs {ep} GPUs, {gpus} visible"})
+            continue
         if experts % ep:
             failures.append({"ep": ep, "experts": experts, "error": "experts not divisible by ep"})
             continue
@@ -75,6 +92,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
             str(min(args.seq, tokens)),
             "--repeats",
             str(args.repeats),
+            "--device",
+            getattr(args, "device", "cpu"),
         ]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
