@@ -112,7 +112,7 @@ def pick_checkpoint(candidates: list[Path], on_corrupt: str) -> tuple[Path, Chec
             verified = verify_files(step_dir, meta)
         except CheckpointError as exc:
             if on_corrupt == "fail":
-                raise CheckpointError(
+                raise type(exc)(
                     f"{exc} (checkpoint.on_corrupt=fallback resumes from the newest checkpoint that verifies)"
                 ) from None
             moved = set_aside(step_dir, "corrupt")
@@ -143,6 +143,8 @@ def agree_on_checkpoint(engine: Engine, candidates: list[Path], on_corrupt: str)
             chosen, _ = pick_checkpoint(candidates, on_corrupt)
         except CheckpointError as exc:
             error = exc
+        except OSError as exc:  # setting a corrupt checkpoint aside failed: still tell the other ranks first
+            error = CheckpointError(f"cannot set aside a corrupt checkpoint in {candidates[0].parent}: {exc}")
     # all_sum as a broadcast: rank 0 sends index + 1, or 0 when it found nothing usable
     code = candidates.index(chosen) + 1 if chosen is not None else 0
     (total,) = engine.all_sum([float(code if engine.is_main else 0)])

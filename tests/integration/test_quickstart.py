@@ -80,15 +80,42 @@ def test_resume_reproduces_the_uninterrupted_loss_trace(tmp_path, cli):
     resumed = cli("train", *small(tmp_path, "part", "train.max_steps=20", "train.resume=true", *common))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "part") == losses(tmp_path / "full")  # bit-exact floats from JSON
+    # TensorBoard holds the same steps as metrics.jsonl after the resume (step 10's validation point included)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "part" / "tensorboard"))
+    acc.Reload()
+    for key in ("loss", "val.ppl"):
+        want = [r["step"] for r in rows if key in r]
+        assert [e.step for e in acc.Scalars(key.replace(".", "/"))] == want, key
+    assert 10 in [r["step"] for r in rows if "val.ppl" in r]
+
+
+def test_running_the_readme_command_twice_keeps_the_first_run(tmp_path, cli):
+    # The README's first command, twice: configs/quickstart.yaml itself must not set train.overwrite.
+    args = small(tmp_path, "run", "train.max_steps=5")
+    assert cli("train", *args).returncode == 0
+    run_dir = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+    again = cli("train", *args)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    line = again.stderr.strip()
+    assert "\n" not in line and "already holds a run" in line, line
+    for hint in ("train.resume=true", "train.overwrite=true", "train.run_dir"):  # what continues / starts over
+        assert hint in line, (hint, line)
+    assert {p: p.read_bytes() for p in before} == before  # nothing of the first run changed
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_refuses_to_clobber_or_resume_wrongly(tmp_path, cli):
-    args = small(tmp_path, "run", "train.max_steps=5", "train.overwrite=false")
+    args = small(tmp_path, "run", "train.max_steps=5")
     assert cli("train", *args).returncode == 0
-    before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    again = cli("train", *args)
-    assert again.returncode == 2 and "train.resume=true" in again.stderr and "Traceback" not in again.stderr
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("x")
+    as_file = cli("train", *small(tmp_path, "a_file"))
+    assert as_file.returncode == 2 and len(as_file.stderr.strip().splitlines()) == 1, as_file.stderr
+    assert "is a file" in as_file.stderr
     other = cli("train", *small(tmp_path, "nothing_here", "train.resume=true"))
     assert other.returncode == 2 and "no complete checkpoint" in other.stderr
     changed = cli(
