@@ -429,11 +429,11 @@ def resume_reproduces(ctx: Ctx, dtype: str, ep_size: int = 1) -> dict:
         "resume": cmp,
         "loss_first_last": [rows[0]["loss"], rows[-1]["loss"]] if rows else None,
         "deterministic_algorithms": "torch.use_deterministic_algorithms(True, warn_only=True)",
-        "seconds": {"uninterrupted": round(t1 - t0, 1), "resumed": round(t2 - t1, 1)},
+        "run_seconds": {"uninterrupted": round(t1 - t0, 1), "resumed": round(t2 - t1, 1)},
     }
 
 
-def overflow_step_skipped(ctx: Ctx) -> dict:
+def overflow_step_skipped(ctx: Ctx, dtype: str = "fp16") -> dict:
     """A DeepSpeed fp16 engine from the trainer's own builders; one ordinary step; then steps whose
     loss is multiplied by 1e12 (finite in fp32, but its fp16 gradients overflow) until the loss scale
     drops. Every such step must be skipped with the weights untouched, the scale must end halved
@@ -447,7 +447,7 @@ def overflow_step_skipped(ctx: Ctx) -> dict:
     from msmoe_dist.train.tasks import make_task
     from msmoe_dist.train.trainer import build_engine, build_initial_model
 
-    cfg = load_config(QUICKSTART, _trainer_overrides(ctx, ctx.work / "d_fp16_overflow", "fp16", "deepspeed"))
+    cfg = load_config(QUICKSTART, _trainer_overrides(ctx, ctx.work / f"d_{dtype}_overflow", dtype, "deepspeed"))
     runtime = Runtime.from_env(cfg.train.device)
     runtime.start_distributed(cfg.parallel)
     task = make_task(cfg)
@@ -469,7 +469,7 @@ def overflow_step_skipped(ctx: Ctx) -> dict:
     micro, _ = task.micro_batches(0)
     engine.set_step(0)
     engine.train_step(micro, collect_stats=False)
-    hysteresis = int(engine.ds_config["fp16"].get("hysteresis", 1))
+    hysteresis = int(engine.ds_config["fp16"].get("hysteresis", 1)) if dtype == "fp16" else 0
     scale0, skipped0 = loss_scale(ds), int(ds.skipped_steps)
     before = weights()
     steps = []
