@@ -104,16 +104,23 @@ def _timing_key(key: str) -> bool:
     return key.endswith("_per_s") or "time" in key or key.endswith("_s")
 
 
+def _canonical(row: dict) -> str:
+    """A row as text, timing keys left out: floats print exactly (repr round-trips), and a NaN (the
+    grad norm of a step fp16 skipped) equals a NaN, which == on floats would deny."""
+    return json.dumps({k: v for k, v in row.items() if not _timing_key(k)}, sort_keys=True, allow_nan=True)
+
+
 def compare_traces(reference: list[dict], resumed: list[dict], after_step: int) -> dict:
     """Rows logged after ``after_step`` in both runs, compared exactly (timing keys left out)."""
-    want = [{k: v for k, v in r.items() if not _timing_key(k)} for r in reference if r.get("step", 0) > after_step]
-    got = [{k: v for k, v in r.items() if not _timing_key(k)} for r in resumed if r.get("step", 0) > after_step]
-    out: dict[str, Any] = {"rows_compared": len(want), "exact": want == got and len(want) > 0}
+    want = [r for r in reference if r.get("step", 0) > after_step]
+    got = [r for r in resumed if r.get("step", 0) > after_step]
+    same = [_canonical(a) == _canonical(b) for a, b in zip(want, got)]
+    out: dict[str, Any] = {"rows_compared": len(want), "exact": len(want) == len(got) > 0 and all(same)}
     if not out["exact"]:
         diffs = []
         for a, b in zip(want, got):
             for k in sorted(set(a) | set(b)):
-                if a.get(k) != b.get(k):
+                if not _timing_key(k) and json.dumps(a.get(k)) != json.dumps(b.get(k)):
                     diffs.append({"step": a.get("step"), "key": k, "uninterrupted": a.get(k), "resumed": b.get(k)})
         out["first_differences"] = diffs[:5]
         if len(want) != len(got):
@@ -751,7 +758,8 @@ def add_gpu_check_args(p: argparse.ArgumentParser) -> None:
 
 def run_gpu_check(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    work = Path(args.work) if args.work else out.with_name(out.stem + "_work")
+    # Absolute: the children run in the repository (configs, imports), wherever this was started.
+    work = (Path(args.work) if args.work else out.with_name(out.stem + "_work")).resolve()
     checks = select(args.only)
     if args.dry_run:
         print(f"msmoe-bench gpu-check would run {len(checks)} check(s), budget {args.budget_s:.0f} s, into {out}:")

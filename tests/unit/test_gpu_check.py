@@ -132,8 +132,9 @@ def test_wikitext_step_reports_tokens_mfu_with_a_given_peak(tmp_path):
 
 
 def test_compare_traces():
-    a = [{"step": s, "loss": 1.0 / s, "tokens_per_s": 100.0 + s} for s in range(1, 21)]
-    b = [{**r, "tokens_per_s": 7.0} for r in a]  # wall-time keys differ in every run
+    a = [{"step": s, "loss": 1.0 / s, "grad_norm": float("nan"), "tokens_per_s": 100.0 + s} for s in range(1, 21)]
+    # wall-time keys differ in every run; a NaN (fp16's skipped step) equals a NaN
+    b = [{**r, "tokens_per_s": 7.0, "grad_norm": float("nan")} for r in a]
     assert gc.compare_traces(a, b, 10) == {"rows_compared": 10, "exact": True}
     b[14] = {**b[14], "loss": b[14]["loss"] + 1e-9}
     out = gc.compare_traces(a, b, 10)
