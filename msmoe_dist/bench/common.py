@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
+
+from msmoe_dist.parallel import comm as collective
 
 
 def _cpu_model() -> str:
@@ -66,8 +67,7 @@ def max_over_ranks(values: list[float], group, device: torch.device | str) -> li
     if group is None:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+    return collective.all_reduce(t, op="max", group=group, name="all_reduce (benchmark times, max over ranks)").tolist()
 
 
 def timed_rounds(
@@ -105,7 +105,7 @@ def timed_rounds(
             if cuda:
                 torch.cuda.synchronize(device)  # start from an idle GPU, as the previous case left it
             if group is not None:
-                dist.barrier(group=group)
+                collective.barrier(group, name="barrier (benchmark round)")
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()

@@ -41,6 +41,7 @@ from msmoe_dist.bench.deepspeed_moe import (
 from msmoe_dist.config.schema import MoEConfig
 from msmoe_dist.moe import ACTIVATIONS, MoELayer
 from msmoe_dist.parallel import AllToAllDispatcher, ProcessGroups
+from msmoe_dist.parallel import comm as collective
 
 DEFAULT_REPEATS = 15  # one process
 DEFAULT_REPEATS_EP = 10  # expert-parallel: every call also waits for a barrier
@@ -93,8 +94,7 @@ def floor_cases(ex, act, x_LCD: torch.Tensor, g_LCD: torch.Tensor) -> dict:
 def _per_rank(values: list[float], device: torch.device) -> list[list[float]]:
     """Every rank's ``values``, gathered: [rank][i]."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
+    out = collective.all_gather(t, name="all_gather (benchmark times per rank)")
     return [[round(float(v), 3) for v in o.cpu()] for o in out]
 
 

@@ -97,6 +97,6 @@ class Block(nn.Module):
         stats = None
         if collect_stats:
             stats = {"moe": moe_out.stats}
-            if state.p is not None:  # float(): a device-to-host sync, only when statistics are asked for
-                stats["momentum_norm"] = float(state.p.detach().float().norm(dim=-1).mean())
+            if state.p is not None:  # a 0-d tensor: read on the host only when the trainer logs it
+                stats["momentum_norm"] = state.p.detach().float().norm(dim=-1).mean()
         return x, state, moe_out.aux_loss, stats

@@ -161,8 +161,10 @@ class LocalDispatcher:
             kept_flat = torch.zeros(T * K, dtype=torch.bool, device=keep_A.device)
             kept_flat[assignment_A] = keep_A
             kept_TK = kept_flat.view(K, T).t()
-            assignment_A = assignment_A[keep_A]  # boolean mask: a device-to-host sync (the output size)
             kept = tuple(min(n, capacity) for n in routed)
+            # The kept slots in order; their number is known on the host, so unlike a boolean mask this
+            # does not wait for the device to learn the output size.
+            assignment_A = assignment_A[torch.nonzero_static(keep_A, size=sum(kept)).squeeze(1)]
         else:
             kept = routed
         token_R = assignment_A % T

@@ -16,22 +16,32 @@ Capacity mode pads every (source rank, expert) slot to exactly C rows, so both a
 fixed, equal splits and no counts need to be exchanged; padded rows are zeros and are dropped
 again on the way home. C itself is agreed first, by an all-reduce (max) over the EP group in `capacity`.
 
-Every collective is named (its failure says which) and, when the dispatcher was given a `CommStats`,
-measured under that name.
+Every collective goes through `parallel.comm`: placed on the group's device, named (its failure says
+which) and, when the dispatcher was given a `CommStats`, measured under that name.
+
+Device-to-host syncs (docs/parallel.md lists those of a whole step): dropless, exactly one per layer,
+reading the exchanged counts (the row splits of the all-to-alls must be host integers); capacity mode,
+the capacity agreement (C shapes the buffers) and, as in LocalDispatcher, the routed counts.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from msmoe_dist.moe.dispatcher import Combined, DispatchState, LocalDispatcher, expert_capacity, unpermute
+from msmoe_dist.moe.dispatcher import (
+    Combined,
+    DispatchState,
+    LocalDispatcher,
+    expert_capacity,
+    permute,
+    sort_by_expert,
+    unpermute,
+)
 from msmoe_dist.moe.router import Routing
-from msmoe_dist.parallel.collectives import named_collective
+from msmoe_dist.parallel import comm as collective
 from msmoe_dist.parallel.comm_stats import CommStats
 
 # The collectives' names: in error messages and as CommStats keys.
@@ -41,33 +51,19 @@ COUNTS = "all_to_all (MoE token counts)"
 CAPACITY = "all_reduce (MoE capacity)"
 
 
-@contextmanager
-def _collective(name: str, comm: CommStats | None, nbytes: int):
-    """A named collective (its failure names it), timed into `comm` when one is given."""
-    with named_collective(name), comm.timed(name, nbytes) if comm is not None else nullcontext():
-        yield
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with autograd: the backward is the reverse all-to-all."""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, comm):
         ctx.group, ctx.out_splits, ctx.in_splits, ctx.comm = group, out_splits, in_splits, comm
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        with _collective(TOKENS_FORWARD, comm, _nbytes(x)):
-            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return collective.all_to_all_single(x, out_splits, in_splits, group=group, name=TOKENS_FORWARD, stats=comm)
 
     @staticmethod
     def backward(ctx, grad):
-        back = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
-        with _collective(TOKENS_BACKWARD, ctx.comm, _nbytes(grad)):
-            dist.all_to_all_single(back, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        back = collective.all_to_all_single(
+            grad, ctx.in_splits, ctx.out_splits, group=ctx.group, name=TOKENS_BACKWARD, stats=ctx.comm
+        )
         return back, None, None, None, None
 
 
@@ -97,27 +93,28 @@ class AllToAllDispatcher:
         self._local = LocalDispatcher(num_experts)
 
     # ---- local work (no communication) ------------------------------------------------------
-    def _regroup_index(self, counts_PL: Tensor) -> Tensor:
-        """Index that reorders rows from (source rank, local expert) to (local expert, source rank)."""
+    @staticmethod
+    def _regroup_index(counts_PL: Tensor, num_rows: int) -> Tensor:
+        """Index that reorders rows from (source rank, local expert) to (local expert, source rank).
+
+        On the counts' device, without a host loop: output row j lies in block b = (l, p) (l-major) and
+        is row j - out_start[b] of that block, which starts at recv_start[p, l] in the received order.
+        ``num_rows`` (the sum of the counts) is known on the host, so nothing here waits for the device."""
         P, L = counts_PL.shape
-        starts_PL = (torch.cumsum(counts_PL.reshape(-1), 0) - counts_PL.reshape(-1)).view(P, L)
-        pieces = [
-            torch.arange(int(starts_PL[p, e]), int(starts_PL[p, e] + counts_PL[p, e]))
-            for e in range(L)
-            for p in range(P)
-        ]
-        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+        flat = counts_PL.reshape(-1)
+        starts_LP = (torch.cumsum(flat, 0) - flat).view(P, L).t().reshape(-1)
+        counts_LP = counts_PL.t().reshape(-1)
+        out_starts_LP = torch.cumsum(counts_LP, 0) - counts_LP
+        block_R = torch.repeat_interleave(torch.arange(P * L, device=counts_PL.device), counts_LP, output_size=num_rows)
+        return starts_LP[block_R] + torch.arange(num_rows, device=counts_PL.device) - out_starts_LP[block_R]
 
     # ---- communication ----------------------------------------------------------------------
-    def _exchange_counts(self, counts_E: Tensor, device: torch.device) -> Tensor:
-        """counts_E[e]: rows this rank sends to expert e. Returns counts_PL[p, l] (on the host): rows from
-        rank p for local expert l. This is a device-to-host sync: the splits must be known on the host.
-        The exchange runs on the data's device (NCCL takes only CUDA tensors)."""
-        send = counts_E.to(device)
-        recv = torch.empty_like(send)
-        with _collective(COUNTS, self.comm, _nbytes(send)):
-            dist.all_to_all_single(recv, send, group=self.group)
-        return recv.cpu().view(self.ep_size, self.num_local_experts)
+    def _exchange_counts(self, counts_E: Tensor) -> Tensor:
+        """counts_E[e] (on the data's device): rows this rank sends to expert e. Returns recv_PL[p, l], on
+        the same device: rows rank p sends to this rank's local expert l. No sync: the caller reads both
+        at once."""
+        recv = collective.all_to_all_single(counts_E, group=self.group, name=COUNTS, stats=self.comm)
+        return recv.view(self.ep_size, self.num_local_experts)
 
     def _send(self, x: Tensor, out_splits: list[int], in_splits: list[int]) -> Tensor:
         return all_to_all(x, out_splits, in_splits, self.group, self.comm)
@@ -131,27 +128,17 @@ class AllToAllDispatcher:
         if capacity is None:  # the factor is the same config value on every rank: all skip the collective
             return None
         t = torch.tensor([capacity], dtype=torch.long, device=device)
-        with _collective(CAPACITY, self.comm, _nbytes(t)):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t[0])  # device-to-host sync
+        t = collective.all_reduce(t, op="max", group=self.group, name=CAPACITY, stats=self.comm)
+        return int(t[0])  # device-to-host sync: C shapes the buffers of both all-to-alls
 
     def dispatch(
         self, x_TD: Tensor, routing: Routing, capacity: int | None
     ) -> tuple[Tensor, list[int], EPDispatchState]:
-        x_home_RD, kept_E, home = self._local.dispatch(x_TD, routing, capacity)
-        P, L = self.ep_size, self.num_local_experts
         if capacity is None:
-            counts_E = torch.tensor(kept_E, dtype=torch.long)
-            counts_PL = self._exchange_counts(counts_E, x_TD.device)
-            send = counts_E.view(P, L).sum(1).tolist()
-            recv = counts_PL.sum(1).tolist()
-            x_recv = self._send(x_home_RD, recv, send)
-            regroup = self._regroup_index(counts_PL).to(x_TD.device)
-            tokens_per_local = counts_PL.sum(0).tolist()
-            state = EPDispatchState(home, send, recv, regroup, None)
-            return x_recv.index_select(0, regroup), tokens_per_local, state
+            return self._dispatch_dropless(x_TD, routing)
         # Capacity mode: fixed C rows per (rank, expert); scatter the kept rows into the padded slots.
-        C = capacity
+        x_home_RD, kept_E, home = self._local.dispatch(x_TD, routing, capacity)
+        P, L, C = self.ep_size, self.num_local_experts, capacity
         counts_E = torch.tensor(kept_E, dtype=torch.long, device=x_TD.device)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         # output_size: the row count is known on the host, so repeat_interleave need not sync to learn it.
@@ -165,6 +152,33 @@ class AllToAllDispatcher:
         regroup = torch.arange(P * L * C, device=x_TD.device).view(P, L, C).transpose(0, 1).reshape(-1)
         state = EPDispatchState(home, split, split, regroup, slot_R)
         return x_recv.index_select(0, regroup), [P * C] * L, state
+
+    def _dispatch_dropless(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, list[int], EPDispatchState]:
+        """LocalDispatcher's permutation (no drops), with the counts exchanged before any reaches the host."""
+        T, E, P = routing.experts_TK.shape[0], self.num_experts, self.ep_size
+        assignment_A, _, counts_E = sort_by_expert(routing.experts_TK, E)
+        recv_PL = self._exchange_counts(counts_E)
+        # THE device-to-host sync of this layer: the all-to-all splits must be host integers. Our own
+        # counts travel in the same copy, so the local sort costs no second sync.
+        host = torch.cat([counts_E, recv_PL.reshape(-1)]).cpu()
+        routed = tuple(host[:E].tolist())
+        host_PL = host[E:].view(P, self.num_local_experts)
+        token_R = assignment_A % T
+        home = DispatchState(
+            token_R=token_R,
+            weight_R=routing.weights_TK.t().reshape(-1)[assignment_A],
+            num_tokens=T,
+            tokens_per_expert=routed,
+            routed_per_expert=routed,
+            num_dropped=0,
+            kept_TK=None,
+        )
+        send = host[:E].view(P, -1).sum(1).tolist()
+        recv = host_PL.sum(1).tolist()
+        x_recv = self._send(permute(x_TD, token_R), recv, send)
+        regroup = self._regroup_index(recv_PL, sum(recv))
+        state = EPDispatchState(home, send, recv, regroup, None)
+        return x_recv.index_select(0, regroup), host_PL.sum(0).tolist(), state
 
     def combine(self, y_RD: Tensor, state: EPDispatchState) -> Combined:
         """Sends every row back to its token's home rank, then the weighted unpermute there. The rows

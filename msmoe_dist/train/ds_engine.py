@@ -9,23 +9,25 @@ writes its experts itself (experts_epNNN.pt); DeepSpeed's model file holds only 
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from msmoe_dist.checkpoint import CheckpointError, CheckpointMeta, torch_load
 from msmoe_dist.checkpoint.layout import experts_file, rank_file
 from msmoe_dist.config.schema import OptimConfig, ParallelConfig, TrainConfig
 from msmoe_dist.moe import is_expert_param
 from msmoe_dist.parallel import ProcessGroups
-from msmoe_dist.parallel.collectives import named_collective
+from msmoe_dist.parallel import comm as collective
 from msmoe_dist.train.deepspeed_glue import prepare_for_deepspeed
 from msmoe_dist.train.ds_config import build_ds_config
 from msmoe_dist.train.engine import NonFiniteLoss, StepResult, objective, rng_state, set_rng_state
 from msmoe_dist.train.optim import build_optimizer, build_scheduler, param_groups
+
+# The collectives' names, in error messages and statistics.
+SUMS = "all_reduce (loss / evaluation sums)"
+EXPERT_NORM = "all_reduce (expert gradient norm, EP group)"
 
 
 class DeepSpeedEngine:
@@ -65,38 +67,33 @@ class DeepSpeedEngine:
 
     # ---- collectives --------------------------------------------------------------------------
     def barrier(self) -> None:
-        with named_collective("barrier"):
-            dist.barrier()
+        collective.barrier(name="barrier")
 
     def all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
-        with named_collective("all_reduce (loss / evaluation sums)"):
-            dist.all_reduce(t)
-        return t.tolist()  # device-to-host sync
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return collective.all_reduce(t, name=SUMS).tolist()  # device-to-host sync
 
-    def _stage0_norm_and_clip(self) -> float:
-        """Global grad norm as one process would compute it: dense grads are already averaged and
-        identical on every rank; each expert lives once per EP group, so summing the experts'
-        squares over the EP group counts every expert exactly once."""
-        dense = expert = 0.0
+    def _stage0_norm_and_clip(self) -> Tensor:
+        """Global grad norm as one process would compute it, as a 0-d float64 tensor on the device (no
+        sync: the caller reads it with the step's other numbers). Dense grads are already averaged and
+        identical on every rank; each expert lives once per EP group, so summing the experts' squares
+        over the EP group counts every expert exactly once. One fused norm per kind of parameter."""
+        dense: list[Tensor] = []
+        expert: list[Tensor] = []
         for p in self.model.parameters():
-            if p.grad is None:
-                continue
-            sq = float(p.grad.detach().float().pow(2).sum())  # device-to-host sync per parameter
-            if is_expert_param(p):
-                expert += sq
-            else:
-                dense += sq
-        t = torch.tensor([expert], dtype=torch.float64, device=self.device)
-        with named_collective("all_reduce (expert gradient norm, EP group)"):
-            dist.all_reduce(t, group=self.pg.ep)
-        norm = math.sqrt(dense + float(t[0]))  # device-to-host sync
-        if self.clip > 0 and norm > self.clip:
-            scale = self.clip / (norm + 1e-6)
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            if p.grad is not None:
+                (expert if is_expert_param(p) else dense).append(p.grad.detach())
+        dense_sq, expert_sq = (self._sq_norm(g) for g in (dense, expert))
+        expert_sq = collective.all_reduce(expert_sq, group=self.pg.ep, name=EXPERT_NORM)
+        norm = (dense_sq + expert_sq).sqrt()
+        if self.clip > 0:  # scales by min(1, clip / (norm + 1e-6)) on the device: no sync to compare
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.clip, norm)
         return norm
+
+    def _sq_norm(self, grads: list[Tensor]) -> Tensor:
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return torch.nn.utils.get_total_norm(grads).double().square()
 
     # ---- the engine interface ----------------------------------------------------------------
     def set_step(self, step: int) -> None:
@@ -106,29 +103,37 @@ class DeepSpeedEngine:
         return self.opt.param_groups[0]["lr"]
 
     def train_step(self, micro_batches, collect_stats: bool) -> StepResult:
-        n = len(micro_batches)
-        ce = aux = 0.0
+        n, nw = len(micro_batches), len(micro_batches) * self.world_size
+        # [ce, aux, ranks with a non-finite loss]: float64 on the device, read once per step.
+        acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         stats, norm = None, None
         for i, (x, y) in enumerate(micro_batches):
             out = self.engine(self._input(x), y.to(self.device), collect_stats=collect_stats and i == n - 1)
             loss = objective(out)
-            # One all-reduce per micro-batch: the global mean for logging, and a NaN anywhere
-            # stops every rank at the same step, before any weight changes. Device-to-host syncs:
-            # the isfinite check, the two float()s and the all-reduced sums.
-            bad = 0.0 if torch.isfinite(loss.detach()) else 1.0  # device-to-host sync
-            s_ce, s_aux, s_bad = self.all_sum([float(out.loss.detach()), float(out.aux_loss.detach()), bad])
-            if s_bad > 0:
-                raise NonFiniteLoss(f"loss became non-finite on {int(s_bad)} rank(s)")
-            ce, aux = ce + s_ce / (n * self.world_size), aux + s_aux / (n * self.world_size)
+            # One all-reduce per micro-batch, no sync: the global means for logging, and a NaN anywhere
+            # stops every rank at the same step. Same float64 arithmetic in the same order as the former
+            # host loop (sum over ranks, / (n * world), accumulate), so the logged numbers are unchanged.
+            mine = [out.loss.detach(), out.aux_loss.detach(), (~torch.isfinite(loss.detach())).float()]
+            s = collective.all_reduce(torch.stack([v.double() for v in mine]), name=SUMS)
+            acc = torch.cat([acc[:2] + s[:2] / nw, torch.maximum(acc[2:], s[2:])])
             stats = out.stats or stats
             self.engine.backward(loss)
-            if i == n - 1 and self.stage == 0:
-                norm = self._stage0_norm_and_clip()
+            if i == n - 1:
+                if self.stage == 0:
+                    norm = self._stage0_norm_and_clip()
+                    acc = torch.cat([acc, norm.reshape(1)])
+                # The step's one device-to-host sync of our own, before the only step that changes the
+                # weights (DeepSpeed steps at the accumulation boundary): the NaN check and the numbers.
+                got = acc.tolist()
+                if got[2] > 0:
+                    raise NonFiniteLoss(f"loss became non-finite on {int(got[2])} rank(s)")
             self.engine.step()
         if norm is None:
-            g = self.engine.get_global_grad_norm()
-            norm = float(g) if g is not None else float("nan")
-        return StepResult(ce, aux, norm, stats)
+            g = self.engine.get_global_grad_norm()  # DeepSpeed's (ZeRO 1/2): already computed on its step
+            grad_norm = float(g) if g is not None else float("nan")
+        else:
+            grad_norm = got[3]
+        return StepResult(got[0], got[1], grad_norm, stats)
 
     @contextlib.contextmanager
     def evaluating(self):

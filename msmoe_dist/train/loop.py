@@ -34,7 +34,7 @@ def step_scalars(res: StepResult, lr: float, rate: float, rate_key: str = "token
         moe: MoEStats = layer["moe"]
         row.update(moe.to_scalars(f"moe.layer{i}."))
         if "momentum_norm" in layer:
-            row[f"momentum.layer{i}.norm"] = layer["momentum_norm"]
+            row[f"momentum.layer{i}.norm"] = float(layer["momentum_norm"])  # device-to-host sync (logged steps)
     return row
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -38,7 +39,10 @@ class NativeEngine(LocalEvaluator):
 
     def train_step(self, micro_batches, collect_stats: bool) -> StepResult:
         n = len(micro_batches)
-        ce = aux = 0.0
+        # On the device, read once per step: [ce, aux] as float64 means (the former host loop's arithmetic,
+        # so the logged numbers are unchanged) and the first non-finite loss, if any (0 while all are finite).
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        first_bad = torch.zeros((), device=self.device)
         stats = None
         self.opt.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(micro_batches):
@@ -46,16 +50,19 @@ class NativeEngine(LocalEvaluator):
             with autocast_ctx(self.device, self.dtype):
                 out = self.model(x, y, collect_stats=collect_stats and i == n - 1)
             loss = objective(out)
-            if not torch.isfinite(loss):  # device-to-host sync; checked before backward: the weights stay good
-                raise NonFiniteLoss(f"loss became {float(loss.detach())}")
+            ok = torch.isfinite(first_bad)
+            first_bad = torch.where(ok & ~torch.isfinite(loss.detach()), loss.detach().float(), first_bad)
             (loss / n).backward()
-            # device-to-host syncs: the logged means
-            ce, aux = ce + float(out.loss.detach()) / n, aux + float(out.aux_loss.detach()) / n
+            acc = acc + torch.stack([out.loss.detach().double(), out.aux_loss.detach().double()]) / n
             stats = out.stats or stats
-        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))  # device-to-host sync
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)  # on the device: no sync
+        # The step's one device-to-host sync, before the weights change: the NaN check and the numbers.
+        ce, aux, bad, norm = torch.cat([acc, first_bad.double().reshape(1), gnorm.double().reshape(1)]).tolist()
+        if not math.isfinite(bad):
+            raise NonFiniteLoss(f"loss became {bad}")
         self.opt.step()
         self.sched.step()
-        return StepResult(ce, aux, gnorm, stats)
+        return StepResult(ce, aux, norm, stats)
 
     def layout_meta(self) -> dict:
         return {"engine": self.name, "world_size": 1, "ep_size": 1, "zero_stage": None, "dtype": self.dtype}
