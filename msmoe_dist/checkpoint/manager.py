@@ -76,7 +76,9 @@ class Checkpointer:
         return final
 
     def _prune(self, protect: str) -> None:
-        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir() and _STEP_DIR.fullmatch(p.name))
+        # Only sealed checkpoints count and go; an unsealed leftover is replaced by the next save of its
+        # step, and a set-aside step_N.corrupt is never touched.
+        steps = sealed_checkpoints(self.root)[::-1]  # oldest first
         for old in steps[: -self.keep_last]:
             if old.name != protect:
                 shutil.rmtree(old, ignore_errors=True)
