@@ -159,10 +159,12 @@ def test_loss_scale_reads_deepspeeds_attributes():
 
 
 @pytest.mark.slow
-def test_deepspeed_resume_check_on_cpu(tmp_path):
-    """Check (d)'s logic with gloo on the CPU (bf16, ZeRO 2): the real trainer, checkpoint at 10,
-    resumed copy reproduces steps 11-20 exactly. (fp16 and NCCL need a GPU.)"""
-    rc = gc.run_gpu_check(_args(tmp_path, only="d_bf16"))  # in a child: it starts torch.distributed
-    res = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]["d_bf16"]
+@pytest.mark.parametrize("name,world", [("d_bf16", 1), ("d_ep2", 2)])
+def test_deepspeed_resume_check_on_cpu(tmp_path, name, world):
+    """Check (d)'s logic with gloo on the CPU (bf16, ZeRO 2), in one process and at EP 2 under
+    torchrun: the real trainer, checkpoint at 10, a resumed copy reproduces steps 11-20 exactly.
+    (fp16 and NCCL need a GPU.)"""
+    rc = gc.run_gpu_check(_args(tmp_path, only=name))  # in a child: it starts torch.distributed
+    res = json.loads((tmp_path / "gpu_check.json").read_text())["checks"][name]
     assert rc == 0 and res["status"] == "pass", res
-    assert res["resume"]["rows_compared"] >= 10 and res["backend"] == "gloo"
+    assert res["resume"]["rows_compared"] >= 10 and res["backend"] == "gloo" and res["world_size"] == world
