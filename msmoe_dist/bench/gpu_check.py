@@ -704,6 +704,8 @@ def summary(name: str, res: dict) -> str:
     st = res.get("status")
     if st in ("error", "timeout"):
         return str(res.get("error") or res.get("stderr_tail") or res.get("limit_s", ""))[:90]
+    if st == "skipped":
+        return str(res.get("reason", ""))
     if name == "a":
         e32, e16 = max(res["fp32"]["rel_err_vs_loop"].values()), max(res["bf16"]["rel_err_vs_fp64"].values())
         e16_loop = max(res["bf16"]["loop_rel_err_vs_fp64"].values())

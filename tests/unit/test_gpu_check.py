@@ -108,6 +108,7 @@ def test_a_check_past_its_limit_is_killed_and_reported(tmp_path):
     assert res["status"] == "timeout" and res["limit_s"] == 0.5
 
 
+@pytest.mark.slow
 def test_child_processes_run_checks_a_and_f_on_cpu(tmp_path, capsys):
     """The real child path (one process per check) at tiny sizes on the CPU."""
     rc = gc.run_gpu_check(_args(tmp_path, only="a,f"))
