@@ -18,6 +18,8 @@ on the CUDA device.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +42,25 @@ class SimulatedCuda(torch.Tensor):
     """A host tensor that the simulation treats as living on the CUDA device (comm placed it there)."""
 
 
+class DeviceTensor(torch.Tensor):
+    """A host tensor that stands for one on the compute device: everything computed from it is one too,
+    and every read of its values on the host (tolist, item, bool/int/float, cpu, numpy) is recorded as a
+    device-to-host sync, with the line that did it."""
+
+    reads: list[str] = []
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in cls.READS:
+            caller = sys._getframe(1)
+            cls.reads.append(f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {func.__name__}")
+            with torch._C.DisableTorchFunctionSubclass():
+                got = func(*args, **(kwargs or {}))
+            return got.as_subclass(torch.Tensor) if isinstance(got, torch.Tensor) else got  # now on the host
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 class FixedRouter(nn.Module):
     """The real router's scores and losses, with a fixed, balanced choice of experts (see the docstring)."""
 
@@ -54,6 +75,7 @@ class FixedRouter(nn.Module):
         r = self.inner(x_TD, token_T)
         T = x_TD.shape[0]
         experts_TK = (torch.arange(T)[:, None] + torch.arange(K)[None, :] * (E // K)) % E
+        experts_TK = experts_TK.as_subclass(type(x_TD))  # computed where the tokens are, as a router's would be
         w_TK = r.probs_TE.gather(1, experts_TK)
         return dataclasses.replace(r, experts_TK=experts_TK, weights_TK=w_TK / w_TK.sum(-1, keepdim=True))
 
@@ -61,8 +83,9 @@ class FixedRouter(nn.Module):
 class MirrorNCCL(CommBackend):
     """NCCL on cuda:0 for the package; the fake group underneath; receive buffers filled by symmetry."""
 
-    def __init__(self) -> None:
+    def __init__(self, result_cls: type = torch.Tensor) -> None:
         self.devices: list[tuple[str, str]] = []
+        self.result_cls = result_cls  # what the caller gets back: DeviceTensor to count reads of results
 
     def device(self, group=None):
         return CUDA
@@ -71,7 +94,7 @@ class MirrorNCCL(CommBackend):
         return t.as_subclass(SimulatedCuda)
 
     def from_comm(self, t, device):
-        return t.as_subclass(torch.Tensor)
+        return t.as_subclass(self.result_cls)
 
     def _seen(self, op, *ts):
         self.devices += [(op, str(CUDA) if isinstance(t, SimulatedCuda) else str(t.device)) for t in ts]
@@ -85,6 +108,7 @@ class MirrorNCCL(CommBackend):
     def all_to_all_single(self, out, inp, out_splits, in_splits, group):
         self._seen("all_to_all_single", out, inp)
         out, inp = out.as_subclass(torch.Tensor), inp.as_subclass(torch.Tensor)
+        in_splits = None if in_splits is None else list(in_splits)
         super().all_to_all_single(out, inp, out_splits, in_splits, group)
         P, me = dist.get_world_size(group), dist.get_rank(group)
         ins = list(in_splits) if in_splits is not None else [inp.shape[0] // P] * P
@@ -147,3 +171,32 @@ def test_lm_at_world_64_ep_8(fake_world, capacity_factor):
         assert stats[COUNTS].calls == LAYERS and stats[CAPACITY].calls == 0
     for s in out.stats:
         assert s["moe"].routed_per_expert == [rows // E] * E and s["moe"].num_dropped == 0
+
+
+def _model(pg, capacity_factor):
+    mcfg = ModelConfig(num_layers=LAYERS, d_model=D, num_heads=2, max_seq_len=S)
+    moe = MoEConfig(num_experts=E, top_k=K, expert_ffn_dim=24, capacity_factor=capacity_factor)
+    torch.manual_seed(0)
+    model = MoELanguageModel(mcfg, moe, MomentumConfig(kind="heavy_ball"), V)
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        layer.router = FixedRouter(layer.router)
+    apply_expert_parallel(model, pg)
+    return model
+
+
+@pytest.mark.parametrize("capacity_factor,per_layer", [(0.0, 1), (1.0, 2)])
+def test_host_syncs_per_training_step(fake_world, capacity_factor, per_layer):
+    """docs/parallel.md's count: dropless, exactly one device-to-host sync per MoE layer (the counts);
+    capacity mode, two (the agreed capacity, the routed counts); none in the backward, none for statistics
+    until they are read."""
+    model = _model(fake_world, capacity_factor)
+    toks = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1)).as_subclass(DeviceTensor)
+    DeviceTensor.reads = []
+    with using_backend(MirrorNCCL(result_cls=DeviceTensor)):
+        out = model(toks[:, :-1], toks[:, 1:], collect_stats=True)
+        forward = list(DeviceTensor.reads)
+        (out.loss + out.aux_loss).backward()
+    assert len(forward) == per_layer * LAYERS, forward
+    assert DeviceTensor.reads == forward, DeviceTensor.reads[len(forward) :]  # the backward reads nothing
+    where = {r.split(":")[0] for r in forward}
+    assert where <= {"all_to_all.py", "dispatcher.py"}, forward
