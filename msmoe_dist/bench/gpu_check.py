@@ -505,6 +505,7 @@ def overflow_step_skipped(ctx: Ctx, dtype: str = "fp16") -> dict:
     return {
         "status": "pass" if all(checks.values()) else "fail",
         "checks": checks,
+        "weight_dtype": str(next(engine.model.parameters()).dtype),
         "hysteresis": hysteresis,
         "scale_before": scale0,
         "scale_after": scale1,

@@ -169,3 +169,16 @@ def test_deepspeed_resume_check_on_cpu(tmp_path, name, world):
     res = json.loads((tmp_path / "gpu_check.json").read_text())["checks"][name]
     assert rc == 0 and res["status"] == "pass", res
     assert res["resume"]["rows_compared"] >= 10 and res["backend"] == "gloo" and res["world_size"] == world
+
+
+@pytest.mark.slow
+def test_fp16_resume_and_overflow_check_on_cpu(tmp_path):
+    """Check (d) in fp16: the DeepSpeed version installed here runs fp16 with dynamic loss scaling
+    on the CPU too (gloo), so the overflow step's logic is tested here, not only on a GPU."""
+    rc = gc.run_gpu_check(_args(tmp_path, only="d_fp16"))
+    res = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]["d_fp16"]
+    assert rc == 0 and res["status"] == "pass", res
+    ov = res["overflow"]
+    assert ov["weight_dtype"] == "torch.float16" and all(ov["checks"].values())
+    assert ov["scale_after"] == ov["scale_before"] / 2
+    assert [s["applied"] for s in ov["overflow_steps"]] == [False] * len(ov["overflow_steps"])
