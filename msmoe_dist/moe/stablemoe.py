@@ -103,6 +103,9 @@ class StableMoERouter(nn.Module):
         self.distill_emb = nn.Parameter(torch.empty(vocab_size, M))
         self.distill_centroids = nn.Parameter(torch.empty(E, M))
         self.register_buffer("frozen_V", torch.full((vocab_size,), -1, dtype=torch.long))
+        # What the host knows of frozen_V, so that stage 2 does not read the device every forward:
+        # False = all -1 (we cleared it), True = filled, None = unknown (a state dict was loaded).
+        self._table_filled: bool | None = False
         self.step = 0  # the current optimiser step; set by the trainer, never saved (see the module doc)
         self.reset_parameters()
 
@@ -113,6 +116,7 @@ class StableMoERouter(nn.Module):
         nn.init.orthogonal_(self.distill_centroids, gain=0.1)
         nn.init.normal_(self.distill_emb)
         self.frozen_V.fill_(-1)
+        self._table_filled = False
 
     @property
     def stage(self) -> int:
@@ -128,6 +132,11 @@ class StableMoERouter(nn.Module):
             # A table from another run (checkpoint.init_from) or a later step must not survive into
             # stage 1: the table is always the distilled router as it stood at this run's switch.
             self.frozen_V.fill_(-1)
+            self._table_filled = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._table_filled = None  # the loaded table may be filled or not: look once
 
     def distill_scores(self, token_T: Tensor) -> Tensor:
         return F.embedding(token_T, self.distill_emb).float() @ self.distill_centroids.float().t()
@@ -135,10 +144,12 @@ class StableMoERouter(nn.Module):
     @torch.no_grad()
     def frozen_table(self) -> Tensor:
         """frozen_V, filled from the distilled router on first use (after a load it is already there)."""
-        # A device-to-host sync, in stage 2 only; the dispatcher's count exchange syncs anyway.
-        if bool(self.frozen_V[0] < 0):
+        if self._table_filled is None:  # a device-to-host sync, once after a load
+            self._table_filled = bool(self.frozen_V[0] >= 0)
+        if not self._table_filled:
             scores_VE = self.distill_emb.float() @ self.distill_centroids.float().t()
             self.frozen_V.copy_(scores_VE.argmax(dim=-1))
+            self._table_filled = True
         return self.frozen_V
 
     def forward(self, x_TD: Tensor, token_T: Tensor | None = None) -> StableRouting:

@@ -223,3 +223,24 @@ def test_frozen_table_is_saved_with_the_weights():
     other.load_state_dict(state)
     other.set_step(5)
     assert torch.equal(other.blocks[1].moe.router.frozen_V, state["blocks.1.moe.router.frozen_V"])
+
+
+def test_the_host_knows_whether_the_table_is_filled():
+    """Stage 2 reads no device value per forward: the router tracks the table's state on the host, and
+    after a load (filled or not) it looks once."""
+    torch.manual_seed(6)
+    r = StableMoERouter(D, stable_cfg(stable_switch_step=1), V)
+    r.set_step(1)
+    x, tok = torch.randn(5, D), torch.randint(0, V, (5,))
+    r(x, tok)
+    table = r.frozen_V.clone()
+    assert (table >= 0).all() and r._table_filled is True
+    r.frozen_V.fill_(2)  # written behind the router's back: a filled table is not recomputed
+    assert torch.equal(r(x, tok).experts_TK.view(-1), torch.full((5,), 2))
+    unfilled = {**r.state_dict(), "frozen_V": torch.full((V,), -1)}
+    r.load_state_dict(unfilled)
+    assert r._table_filled is None
+    r(x, tok)
+    assert torch.equal(r.frozen_V, table)  # refilled from the (unchanged) distilled router
+    r.set_step(0)  # back to stage 1 clears it, and the host knows
+    assert r._table_filled is False and (r.frozen_V < 0).all()
