@@ -391,7 +391,9 @@ def _barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        from msmoe_dist.parallel import comm
+
+        comm.barrier(name="barrier (gpu check)")
 
 
 def resume_reproduces(ctx: Ctx, dtype: str, ep_size: int = 1) -> dict:

@@ -33,6 +33,7 @@ from msmoe_dist.config.loader import config_to_dict, config_to_yaml, save_config
 from msmoe_dist.config.model_spec import ModelSpec
 from msmoe_dist.config.schema import Config, ParallelConfig, TrainConfig
 from msmoe_dist.models.base import MoEModel
+from msmoe_dist.parallel import comm
 from msmoe_dist.parallel.runtime import Runtime
 from msmoe_dist.train.engine import Engine
 from msmoe_dist.train.errors import NonFiniteLoss, TrainError
@@ -220,7 +221,7 @@ def run(cfg: Config) -> dict:
     if runtime.is_main:
         task.load_data()
     if runtime.world_size > 1:
-        torch.distributed.barrier()
+        comm.barrier(name="barrier (rank 0 prepared the data)")
     if not runtime.is_main:
         task.load_data()
     engine = build_engine(cfg, kind, runtime, build_initial_model(cfg, task))

@@ -36,12 +36,7 @@ COLLECTIVES = {
 
 # Files whose owner has yet to switch (path relative to the package: the reason). The test fails when an
 # entry no longer calls a collective, so the list only shrinks.
-PENDING = {
-    "train/trainer.py": "torch.distributed.barrier() after rank 0 loaded the data (owned by the trainer's "
-    "engineer; switch to comm.barrier(name='barrier (data cache)'))",
-    "bench/gpu_check.py": "dist.barrier() in _barrier (owned by the benchmarks' engineer; switch to "
-    "comm.barrier(name='barrier (gpu check)'))",
-}
+PENDING: dict[str, str] = {}
 
 
 def _dist_aliases(tree: ast.AST) -> tuple[set[str], set[str]]:
