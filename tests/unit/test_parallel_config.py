@@ -84,7 +84,8 @@ def test_bad_user_deepspeed_json(tmp_path, content, needle):
 
 
 def test_launcher_local_rank_is_stripped(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded, so teardown removes what the CLI sets below
+    monkeypatch.delenv("LOCAL_RANK")
     assert strip_launcher_args(["--local_rank=1", "train", "--config", "x.yaml", "a.b=1"]) == [
         "train",
         "--config",
