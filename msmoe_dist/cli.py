@@ -25,6 +25,35 @@ def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def _valid_options(parser: argparse.ArgumentParser) -> str:
+    """The parser's options and subcommands, in one line: what a mistyped flag should have been."""
+    names: list[str] = []
+    for action in parser._actions:
+        if action.option_strings:
+            names.append(max(action.option_strings, key=len))
+        elif isinstance(action, argparse._SubParsersAction):
+            names.extend(action.choices)
+        elif action.dest != argparse.SUPPRESS:
+            names.append(action.metavar if isinstance(action.metavar, str) else action.dest.upper())
+    return ", ".join(names)
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` (and its subcommands) report a bad command line as one line naming the valid options."""
+
+    def error(message: str, parser: argparse.ArgumentParser = parser):
+        msg = " ".join(message.split())
+        print(f"{parser.prog}: error: {msg}; valid: {_valid_options(parser)} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                one_line_errors(sub)
+    return parser
+
+
 def strip_launcher_args(argv: list[str]) -> list[str]:
     """Drops the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK is in the environment too)."""
     import os
@@ -54,6 +83,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError,)
 
 
+class _OverridesOnce(argparse.Action):
+    """The key=value overrides; a key typed twice is refused rather than the last one silently winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from msmoe_dist.config.loader import ConfigError, refuse_repeated_overrides
+
+        try:
+            refuse_repeated_overrides(values)
+        except ConfigError as exc:
+            sys.exit(_fail(parser.prog, exc))
+        setattr(namespace, self.dest, values)
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     from msmoe_dist.config.loader import config_help_text
 
@@ -65,9 +107,15 @@ def build_train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file with values for the configuration tree")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-overrides, e.g. model.num_layers=4")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        action=_OverridesOnce,
+        help="dot-overrides, e.g. model.num_layers=4 (each key once)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    return parser
+    return one_line_errors(parser)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -193,7 +241,7 @@ def eval_request(args: argparse.Namespace):
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    args = build_eval_parser().parse_args(argv)
+    args = one_line_errors(build_eval_parser()).parse_args(argv)
     from msmoe_dist.eval.checkpoint_eval import evaluate_checkpoint
     from msmoe_dist.io import atomic_write
 
@@ -264,7 +312,7 @@ def build_prepare_parser() -> argparse.ArgumentParser:
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
-    args = build_prepare_parser().parse_args(argv)
+    args = one_line_errors(build_prepare_parser()).parse_args(argv)
     from msmoe_dist.data import DataError, prepare_corpus
 
     if args.sp_vocab_size < 3:
@@ -300,7 +348,9 @@ def prepare_main(argv: list[str] | None = None) -> int:
 
 def bench_main(argv: list[str] | None = None) -> int:
     from msmoe_dist.bench.cli import bench_main as _bench
+    from msmoe_dist.bench.cli import build_parser
 
+    one_line_errors(build_parser()).parse_args(argv)  # a bad command line: one line, before any work
     return _bench(argv)
 
 

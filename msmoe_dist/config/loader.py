@@ -178,6 +178,31 @@ class _Layers:
         return {k: self.sources.get(k, DEFAULT_SOURCE) for k in all_keys()}
 
 
+def _apply_overrides(layers: _Layers, overrides: Iterable[str] | None) -> None:
+    """Apply overrides in order (a later one wins: programs build lists by appending)."""
+    for item in overrides or ():
+        _apply_override(layers, item)
+
+
+def refuse_repeated_overrides(overrides: Iterable[str]) -> None:
+    """Raise ConfigError naming a ``section.key`` given twice on a command line (which one was meant?).
+
+    Only for what a person typed: :func:`load_config` lets a later override win, because programs
+    (benchmarks, tests) build override lists by appending to a base list.
+    """
+    seen: dict[str, str] = {}
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            continue  # malformed: load_config names it
+        key = item.partition("=")[0].strip()
+        if key in seen:
+            raise ConfigError(
+                f"{key} ({COMMAND_LINE}): given twice ('{seen[key]}' and '{item}'); expected each key once",
+                [key],
+            )
+        seen[key] = item
+
+
 def _apply_override(layers: _Layers, item: str) -> None:
     if not isinstance(item, str):
         raise ConfigError(f"{COMMAND_LINE}: override {show(item)} is not a string of the form section.key=value")
@@ -216,8 +241,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] | None 
     if path is not None:
         source = os.fspath(path)
         layers.merge_mapping(_read_yaml(source), source)
-    for item in overrides or ():
-        _apply_override(layers, item)
+    _apply_overrides(layers, overrides)
     return _validated(layers)
 
 
@@ -229,8 +253,7 @@ def load_config_with_sources(
     if path is not None:
         source = os.fspath(path)
         layers.merge_mapping(_read_yaml(source), source)
-    for item in overrides or ():
-        _apply_override(layers, item)
+    _apply_overrides(layers, overrides)
     return _validated(layers), layers.full_sources()
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from msmoe_dist.config.errors import ConfigError, key_error, show
+from msmoe_dist.config.errors import COMMAND_LINE, ConfigError, key_error, show
 from msmoe_dist.config.fields import all_keys, check_value
 from msmoe_dist.config.moe_placement import lm_moe_blocks, vit_moe_blocks
 from msmoe_dist.config.output_layer import parse_cutoffs
-from msmoe_dist.config.schema import Config
+from msmoe_dist.config.schema import Config, MomentumConfig
+
+_DEFAULTS = {"momentum.mu": MomentumConfig().mu, "momentum.gamma": MomentumConfig().gamma}
 
 __all__ = ["validate", "ConfigError"]
 
@@ -187,6 +189,18 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
                 f"({n_moe} with {', '.join(f'{k}={show(get(k))}' for k in decided_by)}) when momentum.kind=adam",
             )
     in_range("momentum.rho", 0, 1, low_closed=False)
+    if get("momentum.kind") == "robust":
+        # The reference calls robust momentum's parameters mu/gamma; here they are rho/kappa and
+        # momentum.mu/gamma (heavy-ball's) would be silently ignored. A saved resolved config
+        # lists every key at its default, so only a changed value or a command-line key counts.
+        for key in ("momentum.mu", "momentum.gamma"):
+            given = (sources or {}).get(key) == COMMAND_LINE or get(key) != _DEFAULTS.get(key)
+            if given:
+                fail(
+                    ["momentum.kind", key],
+                    f"{key}={show(get(key))} is not read by momentum.kind=robust, which reads momentum.rho "
+                    "and momentum.kappa (the reference's mu and gamma): expected momentum.rho/kappa instead",
+                )
     if not get("momentum.kappa") > 1:
         fail("momentum.kappa", f"expected a value > 1, got {show(get('momentum.kappa'))}")
     if get("momentum.learnable") != "none" and get("momentum.kind") == "none":
