@@ -1,7 +1,8 @@
 """Command-line entry points: msmoe-train, msmoe-eval, msmoe-prepare, msmoe-bench.
 
 User mistakes (bad config, missing data, unusable checkpoint) end with one line on stderr
-and exit code 2, never a traceback. A run stopped by a NaN/Inf loss exits with code 3.
+and exit code 2, never a traceback. A run stopped by a NaN/Inf loss exits with code 3, a failed
+collective with 4, and a run preempted by SIGTERM/SIGUSR1 (after writing a sealed checkpoint) with 5.
 Also runnable as `python -m msmoe_dist.cli {train,eval,prepare,bench} ...`.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
+EXIT_PREEMPTED = 5
 
 
 def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
@@ -131,10 +133,14 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     from msmoe_dist.parallel.collectives import CollectiveError
     from msmoe_dist.train.errors import NonFiniteLoss
+    from msmoe_dist.train.loop import Preempted
     from msmoe_dist.train.trainer import run
 
     try:
         summary = run(cfg)
+    except Preempted as exc:
+        print(f"msmoe-train: {exc}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except _user_errors() as exc:
         sys.exit(_fail("msmoe-train", exc))
     except NonFiniteLoss as exc:

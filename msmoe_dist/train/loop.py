@@ -4,12 +4,20 @@ Step numbering: `step` in metrics.jsonl and checkpoint names counts completed op
 A checkpoint at step N resumes at step N; the data position is the step itself (each rank's
 micro-batches are a pure function of seed, step, micro-batch and rank), so a resumed run reads
 exactly the samples the uninterrupted run would have read, neither repeating nor skipping any.
+
+Preemption: SIGTERM or SIGUSR1 (SLURM's `--signal`) only sets a flag; the current step finishes,
+then every rank agrees on whether to stop (one all-reduce of a one-element flag per step when the
+world size is > 1: a signal may reach the ranks at different steps; on one process no collective),
+writes a sealed checkpoint at that step and raises `Preempted` (the CLI exits with code 5).
+`train.resume=true` then continues bit for bit as if the run had not been interrupted.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +26,7 @@ from pathlib import Path
 from msmoe_dist.checkpoint import Checkpointer, CheckpointMeta
 from msmoe_dist.config.schema import CheckpointConfig, LoggingConfig, TrainConfig
 from msmoe_dist.moe.stats import MoEStats
+from msmoe_dist.parallel import comm
 from msmoe_dist.train.engine import Engine, StepResult
 from msmoe_dist.train.errors import NonFiniteLoss
 from msmoe_dist.train.metrics import MetricsLogger
@@ -36,6 +45,51 @@ def step_scalars(res: StepResult, lr: float, rate: float, rate_key: str = "token
         if "momentum_norm" in layer:
             row[f"momentum.layer{i}.norm"] = float(layer["momentum_norm"])  # device-to-host sync (logged steps)
     return row
+
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after writing a sealed checkpoint; the CLI exits with code 5."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(
+            f"preempted (SIGTERM/SIGUSR1): stopped after step {step} and wrote the checkpoint {checkpoint}; "
+            "continue with train.resume=true"
+        )
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 while installed (main thread only; elsewhere the handlers stay as they are)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.raised = True
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPT_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def agreed(self, world_size: int) -> bool:
+        """Whether any rank was signalled: one tiny all-reduce (max) per call when world_size > 1."""
+        if world_size <= 1:
+            return self.raised
+        import torch
+
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        return bool(comm.all_reduce(flag, op="max", name="all_reduce (preemption stop flag)").item() > 0)
 
 
 @dataclass
@@ -60,7 +114,9 @@ class Trainer:
         last_log_time, units_since = time.perf_counter(), 0
         last_ckpt = self.checkpointer.latest()
         final: dict = {}
+        stop = StopFlag()
         try:
+            stop.__enter__()
             for step in range(start, tc.max_steps):
                 done = step + 1
                 log_now = done % self.logging.log_every == 0 or done == tc.max_steps
@@ -87,14 +143,19 @@ class Trainer:
                 if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
                     self._log(done, task.evaluate(engine))
                 every = self.checkpoint.every_steps
-                if every and done % every == 0 and done != tc.max_steps:
+                saved = bool(every and done % every == 0 and done != tc.max_steps)
+                if saved:
                     last_ckpt = self._save(done)
                 bar.update(1)
+                if done != tc.max_steps and stop.agreed(engine.world_size):
+                    ckpt = last_ckpt if saved and last_ckpt is not None else self._save(done)
+                    raise Preempted(done, ckpt)
             ev = task.evaluate(engine)
             self._log(tc.max_steps, ev)
             self.recorder.finish(self.logger, f"routing fluctuation, moe.router={self.recorder_title}")
             last_ckpt = self._save(tc.max_steps)
         finally:
+            stop.__exit__()
             bar.close()
             task.close()
             if self.logger is not None:

@@ -119,3 +119,74 @@ def test_slurm_derives_rendezvous_from_allocation(tmp_path):
     out = run("slurm.sbatch", env, "--config", "c.yaml").stdout
     for part in ("srun", "--nnodes 2", "--nproc_per_node 4", "--rdzv-id 4242", "--rdzv-endpoint gpu-a17:29500"):
         assert part in out, out
+
+
+def _fake_slurm(tmp_path, srun_body):
+    """A bin/ with scontrol (hostnames; `requeue` recorded in requeued.txt) and srun running `srun_body`."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(
+        "#!/bin/sh\n"
+        "[ \"$1 $2\" = 'show hostnames' ] && printf 'gpu-a17\\n'\n"
+        f'[ "$1" = requeue ] && echo "$2" >> {tmp_path / "requeued.txt"}\n'
+        "exit 0\n"
+    )
+    (fake / "srun").write_text(f'#!/bin/bash\necho "$@" > {tmp_path / "srun_args.txt"}\n{srun_body}\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    return {
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "gpu-a17",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_GPUS_ON_NODE": "1",
+    }
+
+
+def test_slurm_asks_for_the_preemption_signal_and_requeue():
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text
+
+
+@pytest.mark.parametrize("code,requeued", [(0, False), (1, False), (5, True)])
+def test_slurm_requeues_on_the_preempted_exit_code(tmp_path, code, requeued):
+    res = run("slurm.sbatch", _fake_slurm(tmp_path, f"exit {code}"), "--config", "c.yaml")
+    assert res.returncode == code, res.stderr
+    assert (tmp_path / "requeued.txt").is_file() == requeued
+    if requeued:
+        assert (tmp_path / "requeued.txt").read_text().split() == ["4242"]
+
+
+def test_slurm_forwards_usr1_as_sigterm_and_requeues(tmp_path):
+    """USR1 to the batch script: srun gets SIGTERM (torchrun passes it on to the workers), then requeue."""
+    import signal
+    import time
+
+    marker = tmp_path / "term.txt"
+    env = _fake_slurm(tmp_path, f"trap 'echo term > {marker}; kill $!; exit 1' TERM\nsleep 30 & wait")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "slurm.sbatch"), "--config", "c.yaml"],
+        env={**base, "PYTHON": "python3", **env},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not (tmp_path / "srun_args.txt").is_file():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        time.sleep(0.2)  # the fake srun installs its trap
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert marker.is_file(), err
+    assert (tmp_path / "requeued.txt").read_text().split() == ["4242"], err
+    assert "requeueing job 4242" in err
+
+
+def test_slurm_requeued_job_resumes(tmp_path):
+    env = {**_fake_slurm(tmp_path, "exit 0"), "SLURM_RESTART_COUNT": "1"}
+    assert run("slurm.sbatch", env, "--config", "c.yaml").returncode == 0
+    assert (tmp_path / "srun_args.txt").read_text().split()[-1] == "train.auto_resume=true"
