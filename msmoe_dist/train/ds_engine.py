@@ -9,6 +9,7 @@ writes its experts itself (experts_epNNN.pt); DeepSpeed's model file holds only 
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -22,12 +23,20 @@ from msmoe_dist.parallel import ProcessGroups
 from msmoe_dist.parallel import comm as collective
 from msmoe_dist.train.deepspeed_glue import prepare_for_deepspeed
 from msmoe_dist.train.ds_config import build_ds_config
-from msmoe_dist.train.engine import NonFiniteLoss, StepResult, objective, rng_state, set_rng_state
+from msmoe_dist.train.engine import (
+    NonFiniteLoss,
+    StepResult,
+    nonfinite_params,
+    objective,
+    rng_state,
+    set_rng_state,
+)
 from msmoe_dist.train.optim import build_optimizer, build_scheduler, param_groups
 
 # The collectives' names, in error messages and statistics.
 SUMS = "all_reduce (loss / evaluation sums)"
 EXPERT_NORM = "all_reduce (expert gradient norm, EP group)"
+PARAMS_FINITE = "all_reduce (are the weights finite? before a checkpoint)"
 
 
 class DeepSpeedEngine:
@@ -127,10 +136,18 @@ class DeepSpeedEngine:
                 got = acc.tolist()
                 if got[2] > 0:
                     raise NonFiniteLoss(f"loss became non-finite on {int(got[2])} rank(s)")
+                # The norm is global (the same on every rank): all stop together. fp16 is exempt: an
+                # overflow there is DeepSpeed's loss scaler's to handle (it skips the step).
+                if norm is not None and self.dtype != "fp16" and not math.isfinite(got[3]):
+                    raise NonFiniteLoss(f"gradient norm became {got[3]} (loss {got[0] + got[1]:.4g} still finite)")
             self.engine.step()
         if norm is None:
             g = self.engine.get_global_grad_norm()  # DeepSpeed's (ZeRO 1/2): already computed on its step
             grad_norm = float(g) if g is not None else float("nan")
+            # ZeRO 1/2: DeepSpeed computes the norm inside its step, so this comes after the weights
+            # changed; the finite check in save_files keeps them out of any checkpoint.
+            if g is not None and self.dtype != "fp16" and not math.isfinite(grad_norm):
+                raise NonFiniteLoss(f"gradient norm became {grad_norm} (loss {got[0] + got[1]:.4g} still finite)")
         else:
             grad_norm = got[3]
         return StepResult(got[0], got[1], grad_norm, stats)
@@ -165,6 +182,14 @@ class DeepSpeedEngine:
         }
 
     def save_files(self, step_dir: Path) -> None:
+        # Every rank calls save_files, so every rank joins this one all-reduce (max) and all of them
+        # refuse together; nothing is written, and the Checkpointer never seals the directory.
+        bad = nonfinite_params(list(self.model.parameters())).to(self.device)
+        if collective.all_reduce(bad, op="max", name=PARAMS_FINITE).item() > 0:
+            raise NonFiniteLoss(
+                "the weights became non-finite (or overflow float32 when squared) on some rank; "
+                "not writing this checkpoint; try a lower optim.lr"
+            )
         self.engine.save_checkpoint(str(step_dir.parent), tag=step_dir.name, save_latest=False)
         if self.pg.edp_rank == 0:  # one writer per set of experts
             experts = {n: p.detach().cpu() for n, p in self.model.named_parameters() if is_expert_param(p)}

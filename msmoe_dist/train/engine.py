@@ -9,6 +9,7 @@ evaluation needs only the `Evaluator` part of it.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +22,16 @@ from msmoe_dist.eval.evaluator import Evaluator
 from msmoe_dist.models.base import MoEModel
 from msmoe_dist.train.errors import NonFiniteLoss
 
-__all__ = ["Engine", "NonFiniteLoss", "StepResult", "objective", "rng_state", "set_rng_state"]
+__all__ = [
+    "Engine",
+    "NonFiniteLoss",
+    "StepResult",
+    "check_finite_params",
+    "nonfinite_params",
+    "objective",
+    "rng_state",
+    "set_rng_state",
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,30 @@ class Engine(Evaluator, Protocol):
     def save_files(self, step_dir: Path) -> None: ...  # this rank's checkpoint files
 
     def load_files(self, step_dir: Path, meta: CheckpointMeta) -> None: ...
+
+
+def nonfinite_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """1.0 if a parameter is unusable, else 0.0: a 0-d float tensor on the parameters' device, no sync.
+
+    Unusable: a NaN/Inf, or weights so large that the tensor's squared L2 norm overflows float32
+    (entries around 1e19 and beyond): no forward pass through them stays finite (a LayerNorm squares
+    its input), so such a checkpoint evaluates to NaN although every number in it is finite. One fused
+    L2 norm per tensor (``_foreach_norm`` sums the squares without rescaling), then one small reduction.
+    """
+    if not params:
+        return torch.zeros(())
+    with torch.no_grad():
+        norms = torch.stack([t.float() for t in torch._foreach_norm([p.detach() for p in params])])
+        return (~torch.isfinite(norms)).any().float()
+
+
+def check_finite_params(params: Sequence[torch.Tensor]) -> None:
+    """Raise NonFiniteLoss when the weights are unusable (see nonfinite_params): a checkpoint is written only
+    after this returned, so such weights are never sealed (the loss can still be finite when they are)."""
+    if nonfinite_params(params).item() > 0:  # device-to-host sync, once per checkpoint
+        raise NonFiniteLoss(
+            "the weights became non-finite (or overflow float32 when squared); not writing this checkpoint"
+        )
 
 
 def rng_state() -> dict:

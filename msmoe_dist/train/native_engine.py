@@ -12,7 +12,14 @@ from msmoe_dist.checkpoint.layout import NATIVE_STATE
 from msmoe_dist.config.schema import OptimConfig, TrainConfig
 from msmoe_dist.eval.evaluator import LocalEvaluator, autocast_ctx
 from msmoe_dist.models.base import MoEModel
-from msmoe_dist.train.engine import NonFiniteLoss, StepResult, objective, rng_state, set_rng_state
+from msmoe_dist.train.engine import (
+    NonFiniteLoss,
+    StepResult,
+    check_finite_params,
+    objective,
+    rng_state,
+    set_rng_state,
+)
 from msmoe_dist.train.optim import build_optimizer, build_scheduler, param_groups
 
 
@@ -60,6 +67,8 @@ class NativeEngine(LocalEvaluator):
         ce, aux, bad, norm = torch.cat([acc, first_bad.double().reshape(1), gnorm.double().reshape(1)]).tolist()
         if not math.isfinite(bad):
             raise NonFiniteLoss(f"loss became {bad}")
+        if not math.isfinite(norm):  # the loss can still be finite: stop before the weights change
+            raise NonFiniteLoss(f"gradient norm became {norm} (loss {ce + aux:.4g} still finite)")
         self.opt.step()
         self.sched.step()
         return StepResult(ce, aux, norm, stats)
@@ -68,6 +77,7 @@ class NativeEngine(LocalEvaluator):
         return {"engine": self.name, "world_size": 1, "ep_size": 1, "zero_stage": None, "dtype": self.dtype}
 
     def save_files(self, step_dir: Path) -> None:
+        check_finite_params(self.params)  # never seal a checkpoint of non-finite weights
         torch.save(
             {
                 "model": self.model.state_dict(),
