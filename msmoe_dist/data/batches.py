@@ -144,6 +144,21 @@ def num_eval_batches(num_tokens: int, batch_size: int, seq_len: int) -> int:
     return -(-full // batch_size) + (1 if targets % seq_len else 0)
 
 
+def check_lm_streams(train: torch.Tensor, valid: torch.Tensor, seq_len: int) -> None:
+    """At load time, not at the first batch: the train split holds one window (seq_len inputs and their
+    targets) and the valid split at least one target."""
+    if train.numel() < seq_len + 1:
+        raise DataError(
+            f"the train split has {train.numel()} tokens, fewer than one window of data.seq_len={seq_len} "
+            f"(+1 target); expected at least {seq_len + 1} tokens or a smaller data.seq_len"
+        )
+    if valid.numel() < 2:
+        raise DataError(
+            f"the valid split has {valid.numel()} tokens, expected at least 2 (one input and its target): "
+            "is valid.txt empty?"
+        )
+
+
 def eval_batches(
     stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

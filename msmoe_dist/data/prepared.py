@@ -114,6 +114,24 @@ def _word_train_pass(src: Path, dst: Path | None, progress) -> tuple[WordTokeniz
             provisional.unlink(missing_ok=True)
 
 
+def _has_text(path: Path, block: int = 1 << 20) -> bool:
+    """Whether ``path`` holds anything but whitespace; reads only up to the first such byte."""
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _check_sources(files: dict[str, Path], out: Path) -> None:
+    """Refuse an empty split (train, or one asked for) before the output directory is changed."""
+    for split, path in files.items():
+        if not _has_text(path):
+            raise DataError(
+                f"{split} split {path} is empty, expected at least one line of text ({out} was not changed)"
+            )
+
+
 def prepare_corpus(
     src_dir,
     out_dir,
@@ -146,6 +164,7 @@ def prepare_corpus(
         )
     if out.resolve() == Path(src_dir).resolve():
         raise DataError(f"output directory {out} is the input directory, expected a separate directory")
+    _check_sources(files, out)  # before anything in the output is touched
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)  # from here on the directory is incomplete until meta.json is back
 

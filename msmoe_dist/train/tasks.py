@@ -98,10 +98,12 @@ class LMTask:
 
     def load_data(self) -> None:
         from msmoe_dist.data import load_corpus
+        from msmoe_dist.data.batches import check_lm_streams
 
         self.corpus = load_corpus(self.data, splits=("train", "valid"))
         assert self.corpus.train is not None and self.corpus.valid is not None  # the splits asked for
         self.train_ids, self.valid_ids = self.corpus.train, self.corpus.valid
+        check_lm_streams(self.train_ids, self.valid_ids, self.data.seq_len)
 
     @property
     def probe_stream(self) -> torch.Tensor | None:
