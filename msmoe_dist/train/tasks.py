@@ -213,6 +213,14 @@ class VisionTask:
                     file=sys.stderr,
                 )
             x, y = batch.images, batch.labels
+            if x.shape[0] == 0:  # its loss would be the mean over no image: NaN, reported as a bad lr
+                from msmoe_dist.data.images import ImageDataError
+
+                example = self.train_set.path(int(batch.unreadable_indices[0])) if batch.unreadable_indices else "?"
+                raise ImageDataError(
+                    f"rank {self.rank}: every image of a training batch was unreadable ({batch.num_unreadable} "
+                    f"files, e.g. {example}); expected images PIL can decode under {self.train_set.root}"
+                )
             if v.mixup_alpha > 0:
                 gen = torch.Generator().manual_seed(hash((self.train.seed, step * G + m, self.rank)) % 2**63)
                 x, y = mixup(x, y, v.num_classes, v.mixup_alpha, gen)

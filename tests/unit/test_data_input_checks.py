@@ -65,3 +65,34 @@ def test_an_empty_valid_text_is_refused_at_load(tmp_path):
     _corpus(tmp_path / "src", valid="")
     with pytest.raises(DataError, match=r"valid split has 0 tokens"):
         _lm_task(tmp_path, 8).load_data()
+
+
+def test_a_training_batch_of_only_unreadable_images_is_one_line_not_a_nan_loss(tmp_path):
+    from msmoe_dist.data.images import ImageDataError
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "img" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / "img" / split / cls / f"{i}.JPEG").write_text("not an image")
+    cfg = load_config(
+        None,
+        [
+            "model.kind=vit",
+            "data.kind=imagenet",
+            f"data.path={tmp_path / 'img'}",
+            "data.batch_size=2",
+            "vision.num_classes=2",
+            "vision.image_size=32",
+            "vision.patch_size=8",
+            "vision.num_workers=0",
+        ],
+    )
+    task = make_task(cfg)
+    task.load_data()
+    task.start(0, 0, 1)
+    with pytest.raises(
+        ImageDataError, match=r"every image of a training batch was unreadable \(2 files, e\.g\. .*JPEG"
+    ):
+        task.micro_batches(0)
+    task.close()
