@@ -121,12 +121,33 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_train_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     from msmoe_dist.config.loader import ConfigError, config_to_yaml, load_config
+
+    def elastic_record(exc: BaseException, code: int | None = None) -> None:
+        """Under torchrun, writes the error file torch.distributed.elastic reads, so that its failure
+        summary shows this rank's one-line message and exit code (torchrun itself exits 1 whatever the
+        worker's code); code=None (a bug): the exception with its traceback."""
+        path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if not path:
+            return
+        if code is None:
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            get_error_handler().record_exception(exc)
+            return
+        import time
+
+        line = f"msmoe-train: {' '.join(str(exc).split())} (exit code {code})"
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
+        elastic_record(exc, EXIT_USAGE)
         sys.exit(_fail("msmoe-train", exc))
     if args.print_config:
         print(config_to_yaml(cfg), end="")
@@ -139,14 +160,21 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         summary = run(cfg)
     except Preempted as exc:
+        elastic_record(exc, EXIT_PREEMPTED)
         print(f"msmoe-train: {exc}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
     except _user_errors() as exc:
+        elastic_record(exc, EXIT_USAGE)
         sys.exit(_fail("msmoe-train", exc))
     except NonFiniteLoss as exc:
+        elastic_record(exc, EXIT_NONFINITE)
         sys.exit(_fail("msmoe-train", exc, EXIT_NONFINITE))
     except CollectiveError as exc:
+        elastic_record(exc, EXIT_COLLECTIVE)
         sys.exit(_fail("msmoe-train", exc, EXIT_COLLECTIVE))
+    except Exception as exc:  # a bug: the traceback as usual, and its message in torchrun's summary
+        elastic_record(exc)
+        raise
     if summary.get("rank", 0) != 0:
         return 0
     score = f"valid top-1 {summary['val_top1']:.2%}" if "val_top1" in summary else f"valid ppl {summary['val_ppl']:.2f}"

@@ -92,6 +92,18 @@ class StopFlag:
         return bool(comm.all_reduce(flag, op="max", name="all_reduce (preemption stop flag)").item() > 0)
 
 
+def peak_memory() -> dict:
+    """This process's peak resident memory (GiB), and on CUDA torch.cuda.max_memory_allocated (GiB)."""
+    import resource
+
+    import torch
+
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
 @dataclass
 class Trainer:
     engine: Engine
@@ -110,7 +122,7 @@ class Trainer:
         """Trains from optimiser step `start` to train.max_steps; returns the last scalars and files."""
         engine, task, tc = self.engine, self.task, self.train
         task.start(start, engine.rank, engine.world_size)
-        bar = _progress(start, tc.max_steps, tc.progress and engine.is_main)
+        bar = _progress(start, tc.max_steps, tc.progress and engine.is_main, self.logging.log_every)
         last_log_time, units_since = time.perf_counter(), 0
         last_ckpt = self.checkpointer.latest()
         final: dict = {}
@@ -135,7 +147,11 @@ class Trainer:
                     now = time.perf_counter()
                     rate = units_since / max(now - last_log_time, 1e-9)
                     last_log_time, units_since = now, 0
-                    row = {**step_scalars(res, engine.lr(), rate, task.rate_key), **task.extra_scalars()}
+                    row = {
+                        **step_scalars(res, engine.lr(), rate, task.rate_key),
+                        **task.extra_scalars(),
+                        **peak_memory(),
+                    }
                     self._log(done, row)
                     final["train_loss"] = row["loss"]
                     bar.set_postfix({"loss": f"{row['loss']:.3f}", task.rate_key: f"{rate:,.0f}"})
@@ -168,15 +184,38 @@ class Trainer:
 
     def _log(self, step: int, row: dict) -> None:
         if self.logger is not None:
-            self.logger.log(step, row)
+            self.logger.log(step, {**row, "time": round(time.time(), 3)})  # wall clock, Unix seconds
 
     def _save(self, step: int) -> Path:
         return self.checkpointer.save(self.meta_at(step), self.engine, self.config_yaml)
 
 
-def _progress(start: int, total: int, enabled: bool):
+def _progress(start: int, total: int, enabled: bool, every: int):
+    """tqdm on a terminal; elsewhere (SLURM logs, files) one plain line every `every` steps."""
+    if enabled and not sys.stderr.isatty():
+        return _LineProgress(start, total, every)
     from tqdm import tqdm
 
     return tqdm(
         total=total, initial=start, disable=not enabled, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
     )
+
+
+class _LineProgress:
+    """The progress bar's stand-in when stderr is not a terminal: no carriage returns."""
+
+    def __init__(self, start: int, total: int, every: int):
+        self.n, self.total, self.every, self.postfix = start, total, max(every, 1), ""
+        self.t0, self.n0 = time.perf_counter(), start
+
+    def set_postfix(self, values: dict) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.n % self.every == 0 or self.n == self.total:
+            rate = (self.n - self.n0) / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"train: step {self.n}/{self.total} ({rate:.2f} steps/s) {self.postfix}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass

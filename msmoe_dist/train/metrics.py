@@ -1,4 +1,4 @@
-"""metrics.jsonl (one JSON object per logged step) and TensorBoard scalars."""
+"""metrics.jsonl (one JSON object per logged step) and TensorBoard scalars (all numbers but a row's `time`)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class MetricsLogger:
         self._fh.flush()
         if self.tb is not None:
             for k, v in scalars.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
+                if k != "time" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k.replace(".", "/"), v, step)
 
     def close(self) -> None:

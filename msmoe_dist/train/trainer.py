@@ -207,6 +207,82 @@ def restore(engine: Engine, step_dir: Path, cfg: Config) -> CheckpointMeta:
     return meta
 
 
+def banner(cfg: Config, kind: str, world_size: int, model: MoEModel) -> str:
+    """The start-up lines (rank 0): engine, layout, precision, model size, batch size, run directory."""
+    from msmoe_dist.moe import is_expert_param
+
+    expert = sum(p.numel() for p in model.parameters() if is_expert_param(p))
+    total = sum(p.numel() for p in model.parameters())
+    active = total - expert + expert * cfg.moe.top_k // max(cfg.moe.num_experts, 1)
+    pc, d, G = cfg.parallel, cfg.data, cfg.train.grad_accum_steps
+    ep = pc.ep_size if kind == "deepspeed" else 1
+    per_step = (
+        f"{d.batch_size * G * world_size:,} images/step"
+        if cfg.model.kind == "vit"
+        else f"{d.batch_size * d.seq_len * G * world_size:,} tokens/step"
+    )
+    zero = f", ZeRO stage {pc.zero_stage}" if kind == "deepspeed" else ""
+    return (
+        f"msmoe-train: engine {kind}, world size {world_size} (EP {ep} x DP {world_size // ep}){zero}, "
+        f"dtype {cfg.train.dtype}\n"
+        f"msmoe-train: parameters {total:,} total, {active:,} active per token "
+        f"(top-{cfg.moe.top_k} of {cfg.moe.num_experts} experts); {per_step}; run dir {cfg.train.run_dir}"
+    )
+
+
+def run_info(world_size: int, resume_step: int | None) -> dict:
+    """What ran: versions (package, Python, torch, DeepSpeed, CUDA), the git commit when the package
+    lives in a git checkout, the command line, host, world size and the step it started from."""
+    import platform
+    import subprocess
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pkg(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    commit = None
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "resume_step": resume_step,
+        "argv": sys.argv,
+        "host": platform.node(),
+        "world_size": world_size,
+        "msmoe_dist": pkg("msmoe_dist") or pkg("msmoe-dist"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": pkg("deepspeed"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "git_commit": commit,
+    }
+
+
+def record_run_info(run_dir: Path, world_size: int, resume_step: int | None) -> None:
+    """Appends this launch's `run_info` to run_dir/run_info.json (a list: one entry per start or resume)."""
+    import json
+
+    path = run_dir / "run_info.json"
+    try:
+        runs = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        runs = []
+    if not isinstance(runs, list):
+        runs = []
+    runs.append(run_info(world_size, resume_step))
+    path.write_text(json.dumps(runs, indent=1) + "\n")
+
+
 def run(cfg: Config) -> dict:
     """Trains according to `cfg`; returns a summary dict (final losses and file locations)."""
     runtime = Runtime.from_env(cfg.train.device)
@@ -224,10 +300,16 @@ def run(cfg: Config) -> dict:
         comm.barrier(name="barrier (rank 0 prepared the data)")
     if not runtime.is_main:
         task.load_data()
-    engine = build_engine(cfg, kind, runtime, build_initial_model(cfg, task))
+    model = build_initial_model(cfg, task)
+    if runtime.is_main:
+        print(banner(cfg, kind, runtime.world_size, model), file=sys.stderr)
+    engine = build_engine(cfg, kind, runtime, model)
     resumed = None
     if candidates:
-        resumed = restore(engine, agree_on_checkpoint(engine, candidates, cfg.checkpoint.on_corrupt), cfg)
+        step_dir = agree_on_checkpoint(engine, candidates, cfg.checkpoint.on_corrupt)
+        resumed = restore(engine, step_dir, cfg)
+        if engine.is_main:
+            print(f"msmoe-train: resuming from step {resumed.step} ({step_dir})", file=sys.stderr)
     if resumed is None and engine.is_main and cfg.train.overwrite:
         for sub in ("checkpoints", "tensorboard"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
@@ -237,6 +319,7 @@ def run(cfg: Config) -> dict:
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        record_run_info(run_dir, runtime.world_size, resume_step)
         logger = MetricsLogger(
             run_dir,
             cfg.logging.tensorboard,

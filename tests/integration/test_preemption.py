@@ -17,14 +17,14 @@ pytestmark = pytest.mark.slow
 STEPS = 40
 
 
-def args(tmp_path, run, *extra):
+def args(tmp_path, run, *extra, progress=False, log_every=1):
     return [
         "--config",
         "configs/quickstart.yaml",
+        f"train.progress={str(progress).lower()}",
+        f"logging.log_every={log_every}",
         "data.synthetic_lines=1500",
         "model.num_layers=2",
-        "train.progress=false",
-        "logging.log_every=1",
         f"train.max_steps={STEPS}",
         f"train.run_dir={tmp_path / run}",
         f"data.path={tmp_path / 'data'}",
@@ -38,8 +38,11 @@ def losses(run_dir):
 
 
 def test_signal_writes_checkpoint_exits_5_and_resume_is_exact(tmp_path, cli):
-    ref = cli("train", *args(tmp_path, "ref"))
+    ref = cli("train", *args(tmp_path, "ref", progress=True))
     assert ref.returncode == 0, ref.stderr[-2000:]
+    # logs: the start-up banner, and (stderr is a pipe, not a terminal) progress as plain lines
+    assert "msmoe-train: engine native, world size 1" in ref.stderr and "active per token" in ref.stderr
+    assert f"train: step 10/{STEPS}" in ref.stderr and "\r" not in ref.stderr
 
     from conftest import REPO
 
@@ -72,4 +75,15 @@ def test_signal_writes_checkpoint_exits_5_and_resume_is_exact(tmp_path, cli):
 
     resumed = cli("train", *args(tmp_path, "run", "train.resume=true"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from step {step} ({run_dir / 'checkpoints' / latest})" in resumed.stderr
     assert losses(run_dir) == losses(tmp_path / "ref")  # bit for bit (floats from JSON, exact equality)
+
+    # the run record: every row has its wall-clock time; training rows the peak memory; one run_info entry per start
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["time"], float) for r in rows)
+    assert all(r["peak_rss_gib"] > 0 for r in rows if "loss" in r)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert [i["resume_step"] for i in info] == [None, step]
+    import torch
+
+    assert info[0]["torch"] == torch.__version__ and "deepspeed" in info[0] and "git_commit" in info[0]
