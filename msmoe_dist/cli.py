@@ -104,7 +104,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msmoe-train",
         description="Train a (momentum) sparse mixture-of-experts language model. Values come from the "
-        "defaults, then the YAML file, then key=value overrides (highest precedence).",
+        "defaults, then the YAML file, then key=value overrides (highest precedence). Exit codes: 0 done; "
+        "2 bad input (one line on stderr); 3 non-finite loss, gradient norm or weights (the last good "
+        "checkpoint is kept); 4 a collective failed or timed out; 5 preempted by SIGTERM/SIGUSR1 after "
+        "writing a checkpoint (continue with train.resume=true).",
         epilog=config_help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

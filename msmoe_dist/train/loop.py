@@ -139,7 +139,7 @@ class Trainer:
                 except NonFiniteLoss as exc:
                     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
                     raise NonFiniteLoss(
-                        f"{exc} at step {done}; stopped before updating the weights ({where}); "
+                        f"{exc} at step {done}; stopped without writing a checkpoint of those weights ({where}); "
                         "try a lower optim.lr or optim.grad_clip>0, then train.resume=true"
                     ) from None
                 units_since += units
