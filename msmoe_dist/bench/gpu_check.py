@@ -99,9 +99,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
-# Keys of a metrics row that depend on wall time, not on the computation.
+# Keys of a metrics row that depend on wall time or on the process's memory history, not on the computation.
 def _timing_key(key: str) -> bool:
-    return key.endswith("_per_s") or "time" in key or key.endswith("_s")
+    return key.endswith("_per_s") or "time" in key or key.endswith("_s") or key.endswith("_gib")
 
 
 def _canonical(row: dict) -> str:

@@ -8,10 +8,11 @@ what was expected and what was got.  Checks that depend on the machine (is CUDA 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from msmoe_dist.config.errors import COMMAND_LINE, ConfigError, key_error, show
+from msmoe_dist.config.errors import COMMAND_LINE, DEFAULT_SOURCE, ConfigError, key_error, show
 from msmoe_dist.config.fields import all_keys, check_value
 from msmoe_dist.config.moe_placement import lm_moe_blocks, vit_moe_blocks
 from msmoe_dist.config.output_layer import parse_cutoffs
@@ -191,10 +192,25 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     in_range("momentum.rho", 0, 1, low_closed=False)
     if get("momentum.kind") == "robust":
         # The reference calls robust momentum's parameters mu/gamma; here they are rho/kappa and
-        # momentum.mu/gamma (heavy-ball's) would be silently ignored. A saved resolved config
-        # lists every key at its default, so only a changed value or a command-line key counts.
+        # momentum.mu/gamma (heavy-ball's) would be silently ignored. Refused when they were meant for
+        # robust momentum: given on the command line, or changed from the default in the same file that
+        # sets kind=robust (or, for a config built in code, changed from the default). A file written for
+        # heavy-ball whose kind is switched to robust on the command line gets a warning instead.
         for key in ("momentum.mu", "momentum.gamma"):
-            given = (sources or {}).get(key) == COMMAND_LINE or get(key) != _DEFAULTS.get(key)
+            if sources is None:
+                given = get(key) != _DEFAULTS.get(key)
+            else:
+                key_src, kind_src = sources.get(key), sources.get("momentum.kind")
+                changed = get(key) != _DEFAULTS.get(key)  # a saved resolved config lists every key, at its default
+                given = key_src == COMMAND_LINE or (
+                    changed and key_src not in (None, DEFAULT_SOURCE) and key_src == kind_src
+                )
+                if not given and changed and key_src not in (None, DEFAULT_SOURCE):
+                    warnings.warn(
+                        f"{key}={show(get(key))} from {key_src} is not read by momentum.kind=robust (from "
+                        f"{kind_src}); robust momentum reads momentum.rho and momentum.kappa",
+                        stacklevel=2,
+                    )
             if given:
                 fail(
                     ["momentum.kind", key],

@@ -52,3 +52,14 @@ def test_unknown_flags_are_one_line_naming_the_valid_options(main, argv, names, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert "--bogus" in err and "valid:" in err and names in err
+
+
+def test_robust_switched_on_the_command_line_warns_about_a_heavy_ball_files_mu(tmp_path):
+    heavy_ball = tmp_path / "hb.yaml"
+    heavy_ball.write_text("momentum:\n  kind: heavy_ball\n  mu: 0.9\n")
+    with pytest.warns(UserWarning, match=r"momentum\.mu=0\.9 from .*hb\.yaml is not read by momentum\.kind=robust"):
+        assert load_config(str(heavy_ball), ["momentum.kind=robust"]).momentum.kind == "robust"
+    robust = tmp_path / "robust.yaml"
+    robust.write_text("momentum:\n  kind: robust\n  mu: 0.9\n")  # meant for robust momentum: refused
+    with pytest.raises(ConfigError, match=r"momentum\.mu=.*momentum\.rho and momentum\.kappa"):
+        load_config(str(robust), [])
