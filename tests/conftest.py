@@ -24,6 +24,31 @@ from dist_harness import run_distributed as _run_distributed
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_lm_config(tmp_path: Path, *overrides: str):
+    """A seconds-long language-model run under tmp_path (2 layers, d 32, 4 experts, generated data),
+    checkpointing every 2 steps; tests add or override keys."""
+    from msmoe_dist.config import load_config
+
+    base = [
+        f"train.run_dir={tmp_path / 'run'}",
+        f"data.path={tmp_path / 'data'}",
+        "data.synthetic_lines=400",
+        "model.num_layers=2",
+        "model.d_model=32",
+        "model.num_heads=2",
+        "model.max_seq_len=16",
+        "data.seq_len=16",
+        "data.batch_size=4",
+        "moe.num_experts=4",
+        "moe.expert_ffn_dim=32",
+        "checkpoint.every_steps=2",
+        "train.progress=false",
+        "logging.log_every=1",
+        "train.eval_batches=2",
+    ]
+    return load_config(None, [*base, *overrides])
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m msmoe_dist.cli *args`` in the repository root, so relative paths like configs/... resolve."""
     return subprocess.run(

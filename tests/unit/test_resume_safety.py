@@ -11,38 +11,15 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import tiny_lm_config
 
 from msmoe_dist.checkpoint import CheckpointCorrupt, CheckpointError, load_full_weights, resolve_checkpoint
-from msmoe_dist.config import load_config
 from msmoe_dist.errors import UserError
 from msmoe_dist.train import trainer
 
 
 def tiny_cfg(tmp_path, *extra):
-    return load_config(
-        None,
-        [
-            f"train.run_dir={tmp_path / 'run'}",
-            f"data.path={tmp_path / 'data'}",
-            "data.synthetic_lines=400",
-            "model.num_layers=2",
-            "model.d_model=32",
-            "model.num_heads=2",
-            "model.max_seq_len=16",
-            "data.seq_len=16",
-            "data.batch_size=4",
-            "moe.num_experts=4",
-            "moe.expert_ffn_dim=32",
-            "train.max_steps=4",
-            "checkpoint.every_steps=2",
-            "checkpoint.keep_last=5",
-            "train.progress=false",
-            "logging.log_every=1",
-            "train.eval_batches=2",
-            "logging.tensorboard=false",
-            *extra,
-        ],
-    )
+    return tiny_lm_config(tmp_path, "train.max_steps=4", "checkpoint.keep_last=5", "logging.tensorboard=false", *extra)
 
 
 def ckpt(tmp_path, step):

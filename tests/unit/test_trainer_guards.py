@@ -4,36 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_lm_config
 
 from msmoe_dist.checkpoint import latest_checkpoint, read_meta, torch_load
-from msmoe_dist.config import load_config
 from msmoe_dist.train import tasks, trainer
 
 
 def tiny_cfg(tmp_path, *extra):
-    return load_config(
-        None,
-        [
-            f"train.run_dir={tmp_path / 'run'}",
-            f"data.path={tmp_path / 'data'}",
-            "data.synthetic_lines=400",
-            "model.num_layers=2",
-            "model.d_model=32",
-            "model.num_heads=2",
-            "model.max_seq_len=16",
-            "data.seq_len=16",
-            "data.batch_size=4",
-            "moe.num_experts=4",
-            "moe.expert_ffn_dim=32",
-            "train.max_steps=8",
-            "checkpoint.every_steps=2",
-            "train.progress=false",
-            "logging.log_every=1",
-            "train.eval_batches=2",
-            "momentum.kind=heavy_ball",
-            *extra,
-        ],
-    )
+    return tiny_lm_config(tmp_path, "train.max_steps=8", "momentum.kind=heavy_ball", *extra)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
