@@ -207,7 +207,13 @@ def build_eval_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--splits", default="valid,test", help="comma-separated splits to score (default valid,test)")
     parser.add_argument(
-        "--data-path", metavar="DIR", help="read the corpus from DIR instead of the checkpoint's data.path"
+        "--data-path",
+        metavar="DIR|FILE",
+        help="language models: read the splits from corpus directory DIR instead of the checkpoint's data.path "
+        "(text files with the same training split, a copy of a generated corpus included, or a prepared "
+        "directory for a model trained on prepared data); or score one text FILE with the training corpus's "
+        "vocabulary (result keys file_ppl/file_loss/file_tokens; --splits does not apply). V-MoE: the image "
+        "folder with train/ and val/",
     )
     parser.add_argument(
         "--batches", type=int, default=0, help="score at most N batches per split (0 = the whole stream)"

@@ -22,29 +22,35 @@ from msmoe_dist.eval.request import EvalRequest
 def attacked_scores(ev: Evaluator, corpus, split: str, req: EvalRequest, batch_size: int, seq_len: int) -> dict:
     """``<split>_attacked_{ppl,loss,tokens}`` and the attack's counts for one split."""
     text = find_split_files(req.text_path, (split,))[split] if req.text_path else corpus.text_file(split)
+    return attacked_text_scores(ev, corpus.tokenizer, text, corpus.split(split), split, req, batch_size, seq_len)
+
+
+def attacked_text_scores(
+    ev: Evaluator, tokenizer, text, clean: torch.Tensor, name: str, req: EvalRequest, batch_size: int, seq_len: int
+) -> dict:
+    """The attack on one text file whose clean ids are ``clean``; keys start with ``name``."""
     lines = read_lines(text)
-    clean = corpus.split(split)
-    if not torch.equal(torch.from_numpy(corpus.tokenizer.encode_lines(lines)), clean.long()):
+    if not torch.equal(torch.from_numpy(tokenizer.encode_lines(lines)), clean.long()):
         raise DataError(
-            f"{text} does not encode to the {split} ids being evaluated (edited, or another corpus); "
+            f"{text} does not encode to the {name} ids being evaluated (edited, or another corpus); "
             "expected the text the corpus was built from (see --text-path)"
         )
     attacked, stats = attack_lines(lines, seed=req.attack_seed, rate=req.attack_rate)
-    stream = torch.from_numpy(corpus.tokenizer.encode_lines(attacked))
+    stream = torch.from_numpy(tokenizer.encode_lines(attacked))
     res = evaluate_tokens(ev, stream, batch_size, seq_len, req.batches)
     return {
-        f"{split}_attacked_ppl": res["ppl"],
-        f"{split}_attacked_loss": res["loss"],
-        f"{split}_attacked_tokens": res["tokens"],
-        f"{split}_attack_candidates": stats.candidates,
-        f"{split}_attack_replaced": stats.replaced,
+        f"{name}_attacked_ppl": res["ppl"],
+        f"{name}_attacked_loss": res["loss"],
+        f"{name}_attacked_tokens": res["tokens"],
+        f"{name}_attack_candidates": stats.candidates,
+        f"{name}_attack_replaced": stats.replaced,
     }
 
 
 def attack_table(result: dict) -> str:
     """Clean vs attacked perplexity per split, for stderr."""
     rows = [("split", "clean ppl", "attacked ppl", "replaced words")]
-    for split in ("valid", "test"):
+    for split in ("valid", "test", "file"):
         if f"{split}_attacked_ppl" in result:
             rows.append(
                 (
