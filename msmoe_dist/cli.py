@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from msmoe_dist.logs import setup_logging
+
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
@@ -124,6 +126,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    setup_logging()
     import os
 
     args = build_train_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
@@ -181,11 +184,14 @@ def train_main(argv: list[str] | None = None) -> int:
     if summary.get("rank", 0) != 0:
         return 0
     score = f"valid top-1 {summary['val_top1']:.2%}" if "val_top1" in summary else f"valid ppl {summary['val_ppl']:.2f}"
+    tb, wb = summary.get("tensorboard"), summary.get("wandb")
     print(
         f"done: train loss {summary.get('train_loss', float('nan')):.4f}, {score}\n"
-        f"  run directory: {summary['run_dir']}\n  metrics:       {summary['metrics']}\n"
-        f"  tensorboard:   {summary['tensorboard']}  (view: tensorboard --logdir {summary['tensorboard']})\n"
-        f"  checkpoint:    {summary['checkpoint']}  (evaluate: msmoe-eval --checkpoint {summary['run_dir']})"
+        f"  run directory: {summary['run_dir']}\n  metrics:       {summary['metrics']}  (plot: msmoe-plot "
+        f"{summary['run_dir']})\n"
+        + (f"  tensorboard:   {tb}  (view: tensorboard --logdir {tb})\n" if tb else "")
+        + (f"  wandb:         {wb}  (offline runs: wandb sync {wb}/offline-run-*)\n" if wb else "")
+        + f"  checkpoint:    {summary['checkpoint']}  (evaluate: msmoe-eval --checkpoint {summary['run_dir']})"
     )
     return 0
 
@@ -284,6 +290,7 @@ def eval_request(args: argparse.Namespace):
 
 
 def eval_main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = one_line_errors(build_eval_parser()).parse_args(argv)
     from msmoe_dist.eval.checkpoint_eval import evaluate_checkpoint
     from msmoe_dist.io import atomic_write
@@ -355,6 +362,7 @@ def build_prepare_parser() -> argparse.ArgumentParser:
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = one_line_errors(build_prepare_parser()).parse_args(argv)
     from msmoe_dist.data import DataError, prepare_corpus
 
@@ -390,6 +398,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
+    setup_logging()
     from msmoe_dist.bench.cli import bench_main as _bench
     from msmoe_dist.bench.cli import build_parser
 
@@ -397,11 +406,43 @@ def bench_main(argv: list[str] | None = None) -> int:
     return _bench(argv)
 
 
+def build_plot_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msmoe-plot",
+        description="PNGs of training runs' metrics.jsonl: the training loss and every validation metric with "
+        "one curve per run (give several run directories to compare them), and per run a heatmap of each "
+        "MoE layer's expert load over steps.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="msmoe-train run directories")
+    parser.add_argument(
+        "--out", metavar="DIR", help="where to write the PNGs (default RUN_DIR/plots for one run, ./plots for several)"
+    )
+    return parser
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = one_line_errors(build_plot_parser()).parse_args(argv)
+    from msmoe_dist.plots import PlotError, plot_runs
+
+    runs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else (runs[0] / "plots" if len(runs) == 1 else Path("plots"))
+    try:
+        written = plot_runs(runs, out)
+    except PlotError as exc:
+        sys.exit(_fail("msmoe-plot", exc))
+    except OSError as exc:
+        sys.exit(_fail("msmoe-plot", PlotError(f"cannot write {out}: {exc.strerror or exc}")))
+    for path in written:
+        print(path)
+    return 0
+
+
 def main() -> None:
-    commands = {"train": train_main, "eval": eval_main, "prepare": prepare_main, "bench": bench_main}
+    commands = {"train": train_main, "eval": eval_main, "prepare": prepare_main, "bench": bench_main, "plot": plot_main}
     argv = strip_launcher_args(sys.argv[1:])
     if not argv or argv[0] not in commands:
-        print("usage: python -m msmoe_dist.cli {train,eval,prepare,bench} [args...]", file=sys.stderr)
+        print("usage: python -m msmoe_dist.cli {train,eval,prepare,bench,plot} [args...]", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     sys.exit(commands[argv[0]](argv[1:]))
 

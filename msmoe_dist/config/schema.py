@@ -332,6 +332,13 @@ class LoggingConfig:
     fluct_tokens: int = opt(
         2048, "Routing fluctuation: how many leading validation tokens to track (cut into data.seq_len windows)."
     )
+    wandb: bool = opt(False, "Also send every metrics row to Weights & Biases (needs the wandb package; rank 0 only).")
+    wandb_project: str = opt("msmoe_dist", "logging.wandb: the W&B project.")
+    wandb_mode: str = opt(
+        "offline",
+        "logging.wandb: offline writes run_dir/wandb/ (upload later with `wandb sync`); online streams it.",
+        ("offline", "online"),
+    )
 
 
 @dataclass

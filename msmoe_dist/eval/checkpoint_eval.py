@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,7 +38,8 @@ def load_eval_streams(req: EvalRequest, data: DataConfig) -> tuple[Corpus, dict[
     path = Path(req.data_path) if req.data_path else None
     if path is not None and path.is_file():
         corpus = load_corpus(data, splits=())
-        return corpus, {"file": torch.from_numpy(corpus.tokenizer.encode_file(path))}
+        tokenizer: Any = corpus.tokenizer
+        return corpus, {"file": torch.from_numpy(tokenizer.encode_file(path))}
     if path is not None:
         if not path.is_dir():
             raise CheckpointError(f"--data-path {path} does not exist, expected a corpus directory or a text file")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import warnings
 
 import torch
 import torch.distributed as dist
 
 from msmoe_dist.config.schema import ParallelConfig
+from msmoe_dist.logs import setup_logging
 
 
 def _free_port() -> int:
@@ -34,21 +34,6 @@ def _per_attempt_store(timeout: datetime.timedelta):
         timeout=timeout,
     )
     return dist.PrefixStore(f"msmoe/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
-
-
-def prefix_warnings_with_rank(rank: int) -> None:
-    """Python warnings of this process start with `[rank N]`: with several ranks writing to one log
-    (SLURM, torchrun), a per-rank warning says whose it is. Idempotent."""
-    fmt = warnings.formatwarning
-    if getattr(fmt, "_msmoe_rank", None) is not None:
-        fmt = fmt.__wrapped__  # type: ignore[attr-defined]
-
-    def formatwarning(*args, **kwargs) -> str:
-        return f"[rank {rank}] {fmt(*args, **kwargs)}"
-
-    formatwarning._msmoe_rank = rank  # type: ignore[attr-defined]
-    formatwarning.__wrapped__ = fmt  # type: ignore[attr-defined]
-    warnings.formatwarning = formatwarning
 
 
 def init_for_deepspeed(pcfg: ParallelConfig, device: str, local_rank: int) -> None:
@@ -77,8 +62,7 @@ def init_for_deepspeed(pcfg: ParallelConfig, device: str, local_rank: int) -> No
                 rank=int(os.environ["RANK"]),
                 world_size=int(os.environ["WORLD_SIZE"]),
             )
-    if dist.get_world_size() > 1:
-        prefix_warnings_with_rank(dist.get_rank())
+    setup_logging(dist.get_rank(), dist.get_world_size())  # warnings and status lines say whose they are
     import deepspeed
 
     if not use_cuda:

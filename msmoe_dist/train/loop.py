@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from msmoe_dist import logs
 from msmoe_dist.checkpoint import Checkpointer, CheckpointMeta
 from msmoe_dist.config.schema import CheckpointConfig, LoggingConfig, TrainConfig
 from msmoe_dist.moe.stats import MoEStats
@@ -215,7 +216,7 @@ class _LineProgress:
         self.n += k
         if self.n % self.every == 0 or self.n == self.total:
             rate = (self.n - self.n0) / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"train: step {self.n}/{self.total} ({rate:.2f} steps/s) {self.postfix}", file=sys.stderr, flush=True)
+            logs.info(f"train: step {self.n}/{self.total} ({rate:.2f} steps/s) {self.postfix}")
 
     def close(self) -> None:
         pass

@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per logged step) and TensorBoard scalars (all numbers but a row's `time`)."""
+"""metrics.jsonl (one JSON object per logged step), TensorBoard scalars (all numbers but a row's `time`) and,
+optionally, the same rows in Weights & Biases (train/wandb_log.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ class MetricsLogger:
     """
 
     def __init__(
-        self, run_dir: Path, tensorboard: bool, resume_step: int | None = None, resume_state: dict | None = None
+        self,
+        run_dir: Path,
+        tensorboard: bool,
+        resume_step: int | None = None,
+        resume_state: dict | None = None,
+        wandb=None,
     ):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
@@ -29,6 +35,7 @@ class MetricsLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._fh = self.path.open("a")
+        self.wandb = wandb  # a train.wandb_log.WandbSink, or None
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -65,6 +72,8 @@ class MetricsLogger:
         row = {"step": step, **scalars}
         self._fh.write(json.dumps(row, allow_nan=True) + "\n")
         self._fh.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
         if self.tb is not None:
             for k, v in scalars.items():
                 if k != "time" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -72,6 +81,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._fh.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()

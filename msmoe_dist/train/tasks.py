@@ -8,7 +8,6 @@ one would have read (mid-epoch included).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from msmoe_dist import logs
 from msmoe_dist.config.output_layer import check_cutoffs
 from msmoe_dist.config.schema import (
     Config,
@@ -207,10 +207,9 @@ class VisionTask:
             self.unreadable += batch.num_unreadable
             for i in batch.unreadable_indices[: max(0, 20 - self.reported)]:
                 self.reported += 1
-                print(
+                logs.info(
                     f"msmoe-train: rank {self.rank}: skipped unreadable image {self.train_set.path(int(i))}"
-                    + (" (further ones are only counted: data.unreadable_images)" if self.reported == 20 else ""),
-                    file=sys.stderr,
+                    + (" (further ones are only counted: data.unreadable_images)" if self.reported == 20 else "")
                 )
             x, y = batch.images, batch.labels
             if x.shape[0] == 0:  # its loss would be the mean over no image: NaN, reported as a bad lr

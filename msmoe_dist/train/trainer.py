@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from msmoe_dist import logs
 from msmoe_dist.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -41,6 +42,7 @@ from msmoe_dist.train.loop import Trainer
 from msmoe_dist.train.metrics import MetricsLogger
 from msmoe_dist.train.routing_fluctuation import FluctuationRecorder
 from msmoe_dist.train.tasks import Task, make_task
+from msmoe_dist.train.wandb_log import WandbSink, require_wandb
 
 
 def engine_kind(pcfg: ParallelConfig, world_size: int) -> str:
@@ -117,18 +119,13 @@ def pick_checkpoint(candidates: list[Path], on_corrupt: str) -> tuple[Path, Chec
                     f"{exc} (checkpoint.on_corrupt=fallback resumes from the newest checkpoint that verifies)"
                 ) from None
             moved = set_aside(step_dir, "corrupt")
-            print(f"msmoe-train: {exc}; kept as {moved.name}, trying the previous checkpoint", file=sys.stderr)
+            logs.info(f"msmoe-train: {exc}; kept as {moved.name}, trying the previous checkpoint")
             skipped.append(step_dir.name)
             continue
         if not verified:
-            print(
-                f"msmoe-train: {step_dir} records no checksums (saved before they were kept); not verified",
-                file=sys.stderr,
-            )
+            logs.info(f"msmoe-train: {step_dir} records no checksums (saved before they were kept); not verified")
         if skipped:
-            print(
-                f"msmoe-train: resuming from {step_dir.name} instead of {skipped[0]}, which is corrupt", file=sys.stderr
-            )
+            logs.info(f"msmoe-train: resuming from {step_dir.name} instead of {skipped[0]}, which is corrupt")
         return step_dir, meta
     raise CheckpointError(
         f"no checkpoint of {candidates[0].parent} verifies ({', '.join(skipped)} kept as *.corrupt); to start "
@@ -202,7 +199,7 @@ def restore(engine: Engine, step_dir: Path, cfg: Config) -> CheckpointMeta:
     if meta.step >= cfg.train.max_steps:
         raise TrainError(f"checkpoint is at step {meta.step}, already >= train.max_steps={cfg.train.max_steps}")
     if changed and engine.is_main:
-        print(f"msmoe-train: resuming {step_dir.name} with changed settings: {', '.join(changed)}", file=sys.stderr)
+        logs.info(f"msmoe-train: resuming {step_dir.name} with changed settings: {', '.join(changed)}")
     engine.load_files(step_dir, meta)
     return meta
 
@@ -287,6 +284,7 @@ def run(cfg: Config) -> dict:
     """Trains according to `cfg`; returns a summary dict (final losses and file locations)."""
     runtime = Runtime.from_env(cfg.train.device)
     kind = engine_kind(cfg.parallel, runtime.world_size)  # refuse impossible launches before touching anything
+    require_wandb(cfg.logging.wandb)
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(run_dir, runtime.is_main)
     candidates = resume_candidates(cfg.train)
@@ -302,14 +300,14 @@ def run(cfg: Config) -> dict:
         task.load_data()
     model = build_initial_model(cfg, task)
     if runtime.is_main:
-        print(banner(cfg, kind, runtime.world_size, model), file=sys.stderr)
+        logs.info(banner(cfg, kind, runtime.world_size, model))
     engine = build_engine(cfg, kind, runtime, model)
     resumed = None
     if candidates:
         step_dir = agree_on_checkpoint(engine, candidates, cfg.checkpoint.on_corrupt)
         resumed = restore(engine, step_dir, cfg)
         if engine.is_main:
-            print(f"msmoe-train: resuming from step {resumed.step} ({step_dir})", file=sys.stderr)
+            logs.info(f"msmoe-train: resuming from step {resumed.step} ({step_dir})")
     if resumed is None and engine.is_main and cfg.train.overwrite:
         for sub in ("checkpoints", "tensorboard"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
@@ -325,6 +323,9 @@ def run(cfg: Config) -> dict:
             cfg.logging.tensorboard,
             resume_step=resume_step,
             resume_state=resumed.parts.get("metrics") if resumed is not None else None,
+            wandb=WandbSink(run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, config_to_dict(cfg))
+            if cfg.logging.wandb
+            else None,
         )
     lg = cfg.logging
     recorder = FluctuationRecorder(
@@ -364,7 +365,8 @@ def run(cfg: Config) -> dict:
         {
             "run_dir": str(run_dir),
             "metrics": str(run_dir / "metrics.jsonl"),
-            "tensorboard": str(run_dir / "tensorboard"),
+            "tensorboard": str(run_dir / "tensorboard") if cfg.logging.tensorboard else None,
+            "wandb": str(run_dir / "wandb") if cfg.logging.wandb else None,
         }
     )
     return final
