@@ -135,6 +135,7 @@ stage_done "job $JOB started, 3 steps logged"
 scancel --batch --signal=USR1 "$JOB"
 say "sent USR1 to the batch script of job $JOB at step $(logged_steps)"
 wait_for 300 "requeue" bash -c "[[ \$(scontrol show job $JOB) == *Restarts=1* ]]"
+[[ -d "$RUN/checkpoints" ]] || { tail -20 "$WORK/slurm-$JOB.out"; die "no checkpoint was written on USR1"; }
 PREEMPT_STEP=$(find "$RUN/checkpoints" -maxdepth 1 -name 'step_*' -printf '%f\n' | sort | head -n 1)
 stage_done "preempted at checkpoint $PREEMPT_STEP, requeued"
 wait_for 900 "the requeued job to finish" bash -c "[[ \$(scontrol show job $JOB) =~ JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL) ]]"
