@@ -97,7 +97,8 @@ in_image() { docker run --rm --network host "$IMAGE" "$@"; }
 # The CA bundle was a build secret: it must not be in the image, nor named in its environment.
 in_image bash -c 'test ! -e /run/secrets/pip_cert && ! env | grep -q PIP_CERT' || die "the build secret leaked into the image"
 [[ "$(in_image id -u)" == "$IMAGE_UID" ]] || die "the image does not run as uid $IMAGE_UID"
-say "in the image: $(in_image python -c 'import torch, deepspeed, msmoe_dist; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null)"
+VERSIONS=$(in_image python -c 'import torch, deepspeed, msmoe_dist; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -n 1)
+say "in the image: $VERSIONS"
 stage_done "project image"
 
 trace() {  # trace RUN_DIR: one "step loss" line per training row of metrics.jsonl
@@ -117,13 +118,13 @@ same_trace() {  # same_TRACE NAME A B: the two traces are identical, step for st
 fresh_dir() { rm -rf "$1"; mkdir -p "$1"; chown "$IMAGE_UID:$IMAGE_UID" "$1"; }
 
 # --- 4. the quickstart, briefly, in a container and on bare metal --------------------------------------
-QS_ARGS=(train.max_steps=20 logging.log_every=5 train.progress=false data.synthetic_lines=4000)
+QS_ARGS=(train.max_steps=10 logging.log_every=2 train.progress=false data.synthetic_lines=4000)
 fresh_dir "$WORK/qs_runs"
 fresh_dir "$WORK/qs_data"
 docker run --rm --network host -v "$WORK/qs_runs:/runs" -v "$WORK/qs_data:/data" "$IMAGE" \
     msmoe-train --config configs/quickstart.yaml "${QS_ARGS[@]}" >"$WORK/qs_docker.log" 2>&1 \
     || { tail -20 "$WORK/qs_docker.log"; die "the quickstart in a container"; }
-[[ -f "$WORK/qs_runs/quickstart/checkpoints/step_00000020/complete.json" ]] || die "no sealed checkpoint in the host run dir"
+[[ -f "$WORK/qs_runs/quickstart/checkpoints/step_00000010/complete.json" ]] || die "no sealed checkpoint in the host run dir"
 stage_done "quickstart in a container"
 rm -rf "$WORK/qs_bare"
 nice "$PYTHON" -m msmoe_dist.cli train --config configs/quickstart.yaml "${QS_ARGS[@]}" \

@@ -133,6 +133,7 @@ def test_compose_describes_a_two_node_job_on_loopback():
     for svc in nodes.values():
         env = svc["environment"]
         assert svc["network_mode"] == "host" and env["RDZV_ENDPOINT"].startswith("127.0.0.1:")
+        assert svc["pid"] == "host", "on one network and hostname, torchrun agents need distinct pids"
         assert env["GLOO_SOCKET_IFNAME"] == "lo" and env["NNODES"] == "2"
         assert svc["build"]["dockerfile"] == "docker/Dockerfile"
         assert (ROOT / svc["command"].split()[0]).is_file()
