@@ -122,7 +122,9 @@ def test_slurm_derives_rendezvous_from_allocation(tmp_path):
 
 
 def _fake_slurm(tmp_path, srun_body):
-    """A bin/ with scontrol (hostnames; `requeue` recorded in requeued.txt) and srun running `srun_body`."""
+    """A bin/ with scontrol (hostnames; `requeue` recorded in requeued.txt), srun running `srun_body`, and
+    scancel (arguments recorded in scancel.txt; `--signal=TERM` sends SIGTERM to the fake srun, as
+    slurmstepd signals every process of the job's steps)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "scontrol").write_text(
@@ -131,7 +133,13 @@ def _fake_slurm(tmp_path, srun_body):
         f'[ "$1" = requeue ] && echo "$2" >> {tmp_path / "requeued.txt"}\n'
         "exit 0\n"
     )
-    (fake / "srun").write_text(f'#!/bin/bash\necho "$@" > {tmp_path / "srun_args.txt"}\n{srun_body}\n')
+    (fake / "srun").write_text(
+        f'#!/bin/bash\necho $$ > {tmp_path / "srun.pid"}\necho "$@" > {tmp_path / "srun_args.txt"}\n{srun_body}\n'
+    )
+    (fake / "scancel").write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path / "scancel.txt"}\n'
+        f'[ "$1" = --signal=TERM ] && kill -TERM "$(cat {tmp_path / "srun.pid"})"\nexit 0\n'
+    )
     for f in fake.iterdir():
         f.chmod(0o755)
     return {
@@ -158,7 +166,8 @@ def test_slurm_requeues_on_the_preempted_exit_code(tmp_path, code, requeued):
 
 
 def test_slurm_forwards_usr1_as_sigterm_and_requeues(tmp_path):
-    """USR1 to the batch script: srun gets SIGTERM (torchrun passes it on to the workers), then requeue."""
+    """USR1 to the batch script: SIGTERM to the job's steps through `scancel --signal=TERM JOB` (torchrun
+    and every worker get it; a SIGTERM to srun itself would kill the step at once), then requeue."""
     import signal
     import time
 
@@ -182,6 +191,7 @@ def test_slurm_forwards_usr1_as_sigterm_and_requeues(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert marker.is_file(), err
+    assert (tmp_path / "scancel.txt").read_text().split() == ["--signal=TERM", "4242"], err
     assert (tmp_path / "requeued.txt").read_text().split() == ["4242"], err
     assert "requeueing job 4242" in err
 
