@@ -165,7 +165,7 @@ def test_vmoe_matches_transcription(kind):
     for targets, rows in ((labels, F.one_hot(labels, C).double()), (mixed, mixed)):
         ours = model(images, targets).loss
         ref = reference_vmoe_loss(model, images, rows, kind)
-        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-6, atol=1e-6)  # both fp32 losses
     g_ours = torch.autograd.grad(ours, params)
     g_ref = torch.autograd.grad(ref, params)
     for (name, _), a, b in zip(model.named_parameters(), g_ours, g_ref):
