@@ -87,8 +87,10 @@ class ModelConfig:
         "normal: every linear/embedding weight N(0, init_std), biases 0. torch_default (language model): PyTorch's "
         "default initialisers, as the MomentumSMoE reference has them: embeddings N(0, 1), linear layers "
         "U(+-1/sqrt(fan_in)) weights and biases, experts U(+-1/sqrt(d_model*expert_ffn_dim)) with zero biases "
-        "(fastmoe's FMoELinear). docs/reference_differences.md.",
-        ("normal", "torch_default"),
+        "(fastmoe's FMoELinear). vmoe (model.kind=vit): the flax initialisers of the V-MoE fork rachtsy/vmoe "
+        "(xavier-uniform MLP/attention kernels, N(0, 1e-6) MLP biases, LeCun-normal router and patch embedding, "
+        "one initial draw shared by all experts). docs/reference_differences.md.",
+        ("normal", "torch_default", "vmoe"),
     )
     output_bias: bool = opt(
         False, "Language model: a bias on the output layer (full/chunked), as the MomentumSMoE reference's out_emb."

@@ -182,6 +182,8 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
         for key, unused in (("model.init", "torch_default"), ("model.output_bias", True)):
             if get(key) == unused:
                 fail([key, "model.kind"], f"{key}={show(unused)} is a language-model option: not with model.kind=vit")
+    elif get("model.init") == "vmoe":
+        fail(["model.init", "model.kind"], "model.init=vmoe is the V-MoE fork's initialisation: needs model.kind=vit")
     for key, bad in (("model.post_mlp_norm", True), ("model.layer_insert", True), ("momentum.lookahead", "normed")):
         if get(key) == bad and style != "pre_ln":
             fail([key, "model.block_style"], f"{key}={show(bad)} needs model.block_style=pre_ln, got {style}")

@@ -1,4 +1,7 @@
-"""model.init=torch_default: PyTorch's default initialisers, as the MomentumSMoE reference has them.
+"""Reference initialisations: model.init=torch_default (the MomentumSMoE reference, below) and
+model.init=vmoe (the V-MoE fork, `vmoe_init`).
+
+torch_default: PyTorch's default initialisers, as the MomentumSMoE reference has them.
 
 The reference (rachtsy/MomentumSMoE) never re-initialises its modules, so each keeps what PyTorch (or
 fastmoe) gives it at construction:
@@ -21,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from msmoe_dist.models.attention import SelfAttention
+from msmoe_dist.models.blocks import DenseFFN
 from msmoe_dist.moe import Experts
 from msmoe_dist.moe.router import Router
 
@@ -42,3 +47,65 @@ def torch_default_init(model: nn.Module) -> None:
             nn.init.uniform_(mod.w2, -bound, bound)
             nn.init.zeros_(mod.b1)
             nn.init.zeros_(mod.b2)
+
+
+def _lecun_normal_(t: torch.Tensor, fan_in: int) -> None:
+    """flax's default kernel init, variance_scaling(1, fan_in, truncated_normal): N(0, 1/fan_in) truncated
+    at two standard deviations, its std corrected for the truncation (jax divides by 0.87962566103423978)."""
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(t, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+def _xavier_uniform_(t: torch.Tensor, fan_in: int, fan_out: int) -> None:
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    nn.init.uniform_(t, -bound, bound)
+
+
+@torch.no_grad()
+def vmoe_init(model: nn.Module) -> None:
+    """model.init=vmoe: the flax initialisers of the V-MoE fork (rachtsy/vmoe), for a VisionMoE.
+
+      patch embedding nn.Conv       LeCun normal (fan_in = 3 p^2), bias 0       vit_moe.py VisionTransformerMoe
+      class token / positions       0 / N(0, 0.02)                              (AddPositionEmbs posemb_init)
+      attention q, k, v, out        xavier-uniform per [d, d] kernel, bias 0    EncoderBlock (kernel_init)
+      MLPs and experts              xavier-uniform, biases N(0, 1e-6)           models_vit.py MlpBlock
+      experts                       one draw shared by all experts              common.py: split_rngs = False
+      router                        LeCun normal, no bias                       routing.py nn.Dense(use_bias=False)
+      pre-logits                    LeCun normal, bias 0                        nn.Dense defaults
+      LayerNorm                     1, 0
+    The head (zero kernel, bias 0 or -log K) is left to the model. flax kernels are [in, out]; ours are
+    [out, in] for nn.Linear and [E, in, out] for the experts: the fans are the same.
+    """
+    d = model.pos_emb.shape[-1]
+    conv = model.patch_proj
+    _lecun_normal_(conv.weight, conv.weight[0].numel())
+    nn.init.zeros_(conv.bias)
+    if model.cls_token is not None:
+        nn.init.zeros_(model.cls_token)
+    nn.init.normal_(model.pos_emb, std=0.02)
+    if isinstance(model.pre_logits, nn.Sequential):
+        _lecun_normal_(model.pre_logits[0].weight, d)
+        nn.init.zeros_(model.pre_logits[0].bias)
+    for mod in model.modules():
+        if isinstance(mod, nn.LayerNorm):
+            mod.reset_parameters()
+        elif isinstance(mod, SelfAttention):
+            for w in mod.qkv.weight.view(3, d, d):  # q, k, v: each its own [d, d] kernel
+                _xavier_uniform_(w, d, d)
+            _xavier_uniform_(mod.proj.weight, d, d)
+            nn.init.zeros_(mod.qkv.bias)
+            nn.init.zeros_(mod.proj.bias)
+        elif isinstance(mod, DenseFFN):
+            for lin in (mod.fc1, mod.fc2):
+                _xavier_uniform_(lin.weight, lin.in_features, lin.out_features)
+                nn.init.normal_(lin.bias, std=1e-6)
+        elif isinstance(mod, Router):
+            _lecun_normal_(mod.weight, mod.weight.shape[1])
+        elif isinstance(mod, Experts):
+            D, F = mod.d_model, mod.ffn_dim
+            _xavier_uniform_(mod.w1[0], D, F)
+            _xavier_uniform_(mod.w2[0], F, D)
+            nn.init.normal_(mod.b1[0], std=1e-6)
+            nn.init.normal_(mod.b2[0], std=1e-6)
+            for t in (mod.w1, mod.w2, mod.b1, mod.b2):
+                t[1:] = t[0]  # split_rngs=False: every expert starts from the same draw

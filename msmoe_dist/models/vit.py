@@ -22,6 +22,7 @@ from msmoe_dist.config.moe_placement import vit_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig, VisionConfig
 from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
+from msmoe_dist.models.reference_init import vmoe_init
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -77,7 +78,12 @@ class VisionMoE(MoEModel):
         # vision.pre_logits: V-MoE's representation layer, tanh(Dense(d)) between the pooled token and the head.
         self.pre_logits = nn.Sequential(nn.Linear(d, d), nn.Tanh()) if vcfg.pre_logits else nn.Identity()
         self.head = nn.Linear(d, vcfg.num_classes)
-        self._init_weights(mcfg.init_std)
+        if mcfg.init == "vmoe":
+            vmoe_init(self)  # the V-MoE fork's flax initialisers (the zero head below stays)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self._init_weights(mcfg.init_std)
         if vcfg.head_bias == "neg_log_classes":  # V-MoE: head_bias_init = -log(num_classes)
             nn.init.constant_(self.head.bias, -math.log(vcfg.num_classes))
 

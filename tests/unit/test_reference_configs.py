@@ -34,7 +34,7 @@ def test_imagenet_configs_are_reference_exact(name):
     assert (m.dropout, moe.expert_dropout, moe.expert_output_dropout) == (0.0, 0.2, 0.2)
     assert (v.randaugment_ops, v.randaugment_magnitude, v.mixup_alpha) == (2, 10, 0.2)
     assert (v.loss, v.pre_logits, v.head_bias) == ("sigmoid_ce", True, "neg_log_classes")
-    assert (m.norm_eps, moe.activation) == (1e-6, "gelu_tanh")
+    assert (m.norm_eps, moe.activation, m.init) == (1e-6, "gelu_tanh", "vmoe")
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.warmup_steps) == (
         3e-3,
         0.1,

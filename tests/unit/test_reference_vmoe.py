@@ -185,3 +185,38 @@ def test_vmoe_head_starts_at_minus_log_k():
     # every sigmoid starts at 1/(K+1): the expected positives, 1/K of the classes, cost log(K+1) each
     logits = m(torch.randn(2, 3, 32, 32)).logits
     torch.testing.assert_close(torch.sigmoid(logits), torch.full((2, 10), 1 / 11))
+
+
+def test_vmoe_init_is_the_forks_flax_init():
+    """model.init=vmoe (models/reference_init.vmoe_init): xavier-uniform MLP/attention kernels, N(0, 1e-6) MLP
+    biases (models_vit.py MlpBlock lines 74-77; vit_moe.py EncoderBlock kernel_init), LeCun-normal router
+    (routing.py nn.Dense(use_bias=False): flax's default kernel init), one draw for all experts
+    (common.py: encoder.moe.split_rngs = False), zero head kernel."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.kind=vit", "data.kind=synthetic_images", "vision.image_size=32",
+                             "vision.patch_size=8", "vision.num_classes=10", "model.d_model=64", "model.ffn_dim=96",
+                             "moe.expert_ffn_dim=96", "moe.num_experts=4", "model.num_layers=2",
+                             "model.init=vmoe", *REFERENCE_OPTIONS])  # fmt: skip
+    m = VisionMoE(cfg.model, cfg.moe, cfg.momentum, cfg.vision)
+    dense, moe = m.blocks[0], m.blocks[1]
+    ex = moe.moe.experts
+    for t in (ex.w1, ex.w2, ex.b1, ex.b2):
+        assert all(torch.equal(t[0], t[e]) for e in range(1, 4))
+
+    def uniform(t: Tensor, bound: float) -> None:
+        t = t.detach()
+        assert float(t.abs().max()) <= bound and float(t.abs().max()) > 0.95 * bound
+        assert abs(float(t.std()) - bound / math.sqrt(3)) < 0.08 * bound
+
+    uniform(ex.w1[0], math.sqrt(6 / (64 + 96)))
+    uniform(dense.ffn.fc1.weight, math.sqrt(6 / (64 + 96)))
+    for w in dense.attn.qkv.weight.view(3, 64, 64):  # each of q, k, v is its own [d, d] kernel
+        uniform(w, math.sqrt(6 / 128))
+    for b in (ex.b1, dense.ffn.fc2.bias):
+        assert 0 < float(b.detach().abs().max()) < 1e-5
+    router = moe.moe.router.weight.detach()
+    std = math.sqrt(1 / 64) / 0.87962566103423978
+    assert float(router.abs().max()) <= 2 * std and abs(float(router.std()) - math.sqrt(1 / 64)) < 0.2 / 8
+    assert float(m.head.weight.detach().abs().max()) == 0 and torch.equal(
+        m.head.bias.detach(), torch.full((10,), -math.log(10))
+    )
