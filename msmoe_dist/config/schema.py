@@ -89,8 +89,11 @@ class ModelConfig:
         "U(+-1/sqrt(fan_in)) weights and biases, experts U(+-1/sqrt(d_model*expert_ffn_dim)) with zero biases "
         "(fastmoe's FMoELinear). vmoe (model.kind=vit): the flax initialisers of the V-MoE fork rachtsy/vmoe "
         "(xavier-uniform MLP/attention kernels, N(0, 1e-6) MLP biases, LeCun-normal router and patch embedding, "
-        "one initial draw shared by all experts). docs/reference_differences.md.",
-        ("normal", "torch_default", "vmoe"),
+        "one initial draw shared by all experts). fairseq (language model): fairseq's, as the StableMoE reference: "
+        "token and position embeddings N(0, d_model^-1/2), q/k/v xavier-uniform with gain 1/sqrt(2), attention "
+        "output xavier-uniform with a zero bias, other linear layers PyTorch's default, experts' second layer "
+        "zero (MoESublayer). docs/reference_differences.md.",
+        ("normal", "torch_default", "vmoe", "fairseq"),
     )
     output_bias: bool = opt(
         False, "Language model: a bias on the output layer (full/chunked), as the MomentumSMoE reference's out_emb."
@@ -113,6 +116,12 @@ class ModelConfig:
         "layout=middle: insert the MoE layer as an extra layer (LN -> MoE -> residual, no attention) before block "
         "num_layers // 2, keeping every block's dense FFN, as the StableMoE reference does; false replaces block "
         "num_layers // 2's FFN.",
+    )
+    attention_bias: bool = opt(
+        True, "Biases on the attention's q/k/v and output projections (the MomentumSMoE reference has none)."
+    )
+    embed_scale: bool = opt(
+        False, "Language model: multiply the token embeddings by sqrt(d_model), as fairseq (the StableMoE reference)."
     )
 
 

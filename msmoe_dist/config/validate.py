@@ -179,7 +179,12 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     in_range("moe.expert_output_dropout", 0, 1)
     style, mkind = get("model.block_style"), get("model.kind")
     if mkind == "vit":
-        for key, unused in (("model.init", "torch_default"), ("model.output_bias", True)):
+        for key, unused in (
+            ("model.init", "torch_default"),
+            ("model.init", "fairseq"),
+            ("model.output_bias", True),
+            ("model.embed_scale", True),
+        ):
             if get(key) == unused:
                 fail([key, "model.kind"], f"{key}={show(unused)} is a language-model option: not with model.kind=vit")
     elif get("model.init") == "vmoe":

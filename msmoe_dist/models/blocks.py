@@ -56,7 +56,9 @@ class Block(nn.Module):
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
         self.moe_layer_index = moe_layer_index
-        self.attn = SelfAttention(d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary", causal=causal)
+        self.attn = SelfAttention(
+            d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary", causal=causal, bias=mcfg.attention_bias
+        )
         self.norm1 = nn.LayerNorm(d, eps=mcfg.norm_eps)
         self.norm2 = nn.LayerNorm(d, eps=mcfg.norm_eps)
         self.drop = nn.Dropout(mcfg.dropout)

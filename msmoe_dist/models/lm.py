@@ -5,6 +5,7 @@ Legend: B batch, S sequence, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
 from msmoe_dist.models.inserted_moe import InsertedMoELayer
 from msmoe_dist.models.output import build_head, output_logits, output_loss
-from msmoe_dist.models.reference_init import torch_default_init
+from msmoe_dist.models.reference_init import fairseq_init, torch_default_init
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -73,8 +74,11 @@ class MoELanguageModel(MoEModel):
         )
         if mcfg.init == "torch_default":
             torch_default_init(self)
+        elif mcfg.init == "fairseq":
+            fairseq_init(self)
         else:
             self._init_weights(mcfg.init_std)
+        self.embed_scale = math.sqrt(d) if mcfg.embed_scale else 1.0  # fairseq's TransformerDecoder
         if mcfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
@@ -101,6 +105,8 @@ class MoELanguageModel(MoEModel):
         if S > self.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.max_seq_len}")
         x = self.tok_emb(idx_BS)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(S, device=idx_BS.device))
         x = self.emb_drop(x)

@@ -1,5 +1,5 @@
-"""Reference initialisations: model.init=torch_default (the MomentumSMoE reference, below) and
-model.init=vmoe (the V-MoE fork, `vmoe_init`).
+"""Reference initialisations: model.init=torch_default (the MomentumSMoE reference, below),
+model.init=vmoe (the V-MoE fork, `vmoe_init`) and model.init=fairseq (StableMoE, `fairseq_init`).
 
 torch_default: PyTorch's default initialisers, as the MomentumSMoE reference has them.
 
@@ -93,8 +93,9 @@ def vmoe_init(model: nn.Module) -> None:
             for w in mod.qkv.weight.view(3, d, d):  # q, k, v: each its own [d, d] kernel
                 _xavier_uniform_(w, d, d)
             _xavier_uniform_(mod.proj.weight, d, d)
-            nn.init.zeros_(mod.qkv.bias)
-            nn.init.zeros_(mod.proj.bias)
+            for b in (mod.qkv.bias, mod.proj.bias):
+                if b is not None:
+                    nn.init.zeros_(b)
         elif isinstance(mod, DenseFFN):
             for lin in (mod.fc1, mod.fc2):
                 _xavier_uniform_(lin.weight, lin.in_features, lin.out_features)
@@ -109,3 +110,39 @@ def vmoe_init(model: nn.Module) -> None:
             nn.init.normal_(mod.b2[0], std=1e-6)
             for t in (mod.w1, mod.w2, mod.b1, mod.b2):
                 t[1:] = t[0]  # split_rngs=False: every expert starts from the same draw
+
+
+@torch.no_grad()
+def fairseq_init(model: nn.Module) -> None:
+    """model.init=fairseq: fairseq's initialisation of a transformer LM, as the StableMoE reference runs it
+    (Hunter-DDM/stablemoe):
+
+      token embedding (tied output)   N(0, d^-1/2)                 fairseq/models/transformer.py Embedding()
+      learned positions               N(0, d^-1/2)                 fairseq/modules/positional_embedding.py
+      q, k, v projections             xavier-uniform, gain 1/sqrt(2), biases PyTorch's default
+                                                                   fairseq/modules/multihead_attention.py
+      attention output                xavier-uniform, bias 0         reset_parameters
+      dense FFN fc1/fc2, experts      PyTorch's nn.Linear default    transformer_layer.py, moe_layer.py
+      experts' second layer weight    0                            moe_layer.py MoESublayer (ff2.weight.zero_())
+      LayerNorm                       1, 0
+    The StableMoE router keeps its own (reference) initialisation.
+    """
+    torch_default_init(model)  # PyTorch's defaults first (the layers fairseq leaves alone), then fairseq's own
+    d = model.tok_emb.weight.shape[1]
+    nn.init.normal_(model.tok_emb.weight, std=d**-0.5)
+    if model.pos_emb is not None:
+        nn.init.normal_(model.pos_emb.weight, std=d**-0.5)
+    for mod in model.modules():
+        if isinstance(mod, SelfAttention):
+            for w in mod.qkv.weight.view(3, d, d):
+                nn.init.xavier_uniform_(w, gain=1 / math.sqrt(2))
+            nn.init.xavier_uniform_(mod.proj.weight)
+            if mod.proj.bias is not None:
+                nn.init.zeros_(mod.proj.bias)
+        elif isinstance(mod, Experts):
+            # MoESublayer's ff1/ff2 are nn.Linear(D, F) / nn.Linear(F, D): fan_in D and F respectively
+            b1, b2 = 1 / math.sqrt(mod.d_model), 1 / math.sqrt(mod.ffn_dim)
+            nn.init.uniform_(mod.w1, -b1, b1)
+            nn.init.uniform_(mod.b1, -b1, b1)
+            nn.init.zeros_(mod.w2)
+            nn.init.uniform_(mod.b2, -b2, b2)

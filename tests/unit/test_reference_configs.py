@@ -20,7 +20,7 @@ def test_wikitext103_configs_are_reference_exact(path):
     m, moe = cfg.model, cfg.moe
     assert (m.init, m.output_bias, m.dropout_at, m.block_style) == ("torch_default", True, "reference", "reference")
     assert moe.gate_bias and moe.expert_dropout == m.dropout  # --dropout everywhere the reference puts it
-    assert moe.expert_output_dropout == 0.0
+    assert moe.expert_output_dropout == 0.0 and not m.attention_bias
 
 
 @pytest.mark.parametrize("name", ["vmoe_s32", "momentum_vmoe_s32", "robust_vmoe_s32", "adam_vmoe_s32"])
@@ -57,6 +57,7 @@ def test_stablemoe_base_is_reference_exact():
     cfg = load_config(CONFIGS / "stablemoe" / "base.yaml", [])
     assert cfg.model.layout == "middle" and cfg.model.layer_insert
     assert cfg.moe.stable_router_input == "residual"
+    assert cfg.model.embed_scale and cfg.model.init == "fairseq" and cfg.model.tie_embeddings
 
 
 @pytest.mark.parametrize(

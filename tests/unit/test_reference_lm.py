@@ -268,3 +268,13 @@ def test_dropout_placement(monkeypatch):
     shapes = _dropout_calls(old, idx, monkeypatch)
     # embeddings + per block the attention output, and the MoE output or the FFN hidden and output
     assert sorted(shapes) == sorted([bsd] + [bsd, bsd] * 2 + [bsd, (B, S, FF), bsd] * 2)
+
+
+def test_attention_without_biases():
+    """models.py lines 101-104: the reference's query/key/value/output projections have no bias."""
+    m = _build(_cfg("heavy_ball", "switch", "model.attention_bias=false"))
+    attn = m.blocks[0].attn
+    assert attn.qkv.bias is None and attn.proj.bias is None
+    idx = torch.randint(0, V, (B, S))
+    m(idx, idx).loss.backward()
+    assert attn.qkv.weight.grad is not None

@@ -109,3 +109,40 @@ def test_stable_layer_matches_transcription(router_input):
         if a is None or b is None:  # the distilled router: only its own loss reaches it
             continue
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _lm(*extra: str) -> MoELanguageModel:
+    cfg = load_config(None, [f"model.d_model={D}", "model.num_heads=2", "model.ffn_dim=24", "model.num_layers=2",
+                             f"model.max_seq_len={S}", f"data.seq_len={S}", *extra])  # fmt: skip
+    torch.manual_seed(0)
+    return MoELanguageModel(cfg.model, cfg.moe, cfg.momentum, V)
+
+
+def test_embed_scale_multiplies_the_token_embedding_by_sqrt_d():
+    """fairseq transformer.py line 927: x = embed_scale * embed_tokens(tokens), embed_scale = sqrt(d)."""
+    scaled, plain = _lm("model.embed_scale=true", "model.tie_embeddings=false"), _lm("model.tie_embeddings=false")
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        plain.tok_emb.weight.mul_(D**0.5)
+    idx = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(scaled.eval()(idx, idx).loss, plain.eval()(idx, idx).loss, rtol=0, atol=1e-6)
+
+
+def test_fairseq_init():
+    """model.init=fairseq (models/reference_init.fairseq_init): Embedding() N(0, d^-1/2) (transformer.py lines
+    1081-1085), MultiheadAttention.reset_parameters (multihead_attention.py lines 94-108), MoESublayer's zero
+    ff2 weight (moe_layer.py line 318)."""
+    m = _lm("model.init=fairseq", "model.layout=middle", "model.layer_insert=true", "moe.router=stablemoe",
+            "moe.top_k=1", "model.d_model=64", "model.num_layers=2")  # fmt: skip
+    d = 64
+    emb = m.tok_emb.weight.detach()
+    assert abs(float(emb.std()) - d**-0.5) < 0.1 * d**-0.5 and m.head.weight is m.tok_emb.weight
+    attn = m.blocks[0].attn
+    bound = (1 / 2**0.5) * (6 / (2 * d)) ** 0.5  # xavier-uniform of a [d, d] kernel, gain 1/sqrt(2)
+    for w in attn.qkv.weight.detach().view(3, d, d):
+        assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.95 * bound
+    assert float(attn.proj.bias.detach().abs().max()) == 0
+    assert 0 < float(attn.qkv.bias.detach().abs().max()) <= d**-0.5  # nn.Linear's default bias
+    ex = m.blocks[1].moe.experts
+    assert float(ex.w2.detach().abs().max()) == 0 and float(ex.w1.detach().abs().max()) <= d**-0.5
+    assert m.blocks[1].moe.router.centroids.detach().norm(dim=1).sub(0.1).abs().max() < 1e-6  # its own init
