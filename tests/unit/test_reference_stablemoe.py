@@ -146,3 +146,29 @@ def test_fairseq_init():
     ex = m.blocks[1].moe.experts
     assert float(ex.w2.detach().abs().max()) == 0 and float(ex.w1.detach().abs().max()) <= d**-0.5
     assert m.blocks[1].moe.router.centroids.detach().norm(dim=1).sub(0.1).abs().max() < 1e-6  # its own init
+
+
+@pytest.mark.parametrize("router_input", ["residual", "normed"])
+def test_replacing_block_routes_what_the_option_says(router_input, monkeypatch):
+    """Without model.layer_insert the MoE replaces block 2's FFN; its router sees the residual stream x
+    (after attention) or LN2(x), and the experts LN2(x) either way."""
+    model = _model(router_input, insert=False)
+    blk = model.blocks[2]
+    assert isinstance(blk, Block) and blk.is_moe
+    seen = {}
+    real_router, real_norm = blk.moe.router.forward, blk.norm2.forward
+
+    def router(x_TD, token_T=None):
+        seen["router"] = x_TD
+        return real_router(x_TD, token_T)
+
+    def norm(x):
+        seen["residual"] = x
+        seen["normed"] = out = real_norm(x)
+        return out
+
+    monkeypatch.setattr(blk.moe.router, "forward", router)
+    monkeypatch.setattr(blk.norm2, "forward", norm)
+    idx = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0))
+    model(idx, idx)
+    torch.testing.assert_close(seen["router"], seen[router_input].reshape(-1, D), rtol=0, atol=0)
