@@ -80,6 +80,10 @@ def test_the_moe_layer_is_inserted_in_the_middle():
     assert kinds == [Block, Block, InsertedMoELayer, Block, Block]
     assert not any(b.is_moe for b in model.blocks if isinstance(b, Block))  # every block keeps its dense FFN
     assert model.num_moe_layers == 1
+    assert model.moe_layers() == [model.blocks[2].moe]  # the trainer's set_step reaches its router
+    model.set_step(1000)
+    assert model.blocks[2].moe.router.stage == 2
+    model.set_step(0)
     idx = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0))
     model(idx, idx).loss.backward()  # the whole model trains
     assert model.blocks[2].moe.router.centroids.grad.abs().sum() > 0
