@@ -220,3 +220,21 @@ def test_vmoe_init_is_the_forks_flax_init():
     assert float(m.head.weight.detach().abs().max()) == 0 and torch.equal(
         m.head.bias.detach(), torch.full((10,), -math.log(10))
     )
+
+
+def test_expert_dropout_placement(monkeypatch):
+    """The paper configs' dropout: encoder 0 (no call), experts 0.2 after the gelu and on each expert's output,
+    as every expert is an MlpBlock (models_vit.py lines 90-101) inside MlpMoeBlock."""
+    model = _model("heavy_ball", "moe.expert_dropout=0.2", "moe.expert_output_dropout=0.2").train()
+    seen: list[tuple[tuple[int, ...], float]] = []
+    real = F.dropout
+
+    def spy(t, p=0.5, training=True, inplace=False):
+        if training and p > 0:
+            seen.append((tuple(t.shape), p))
+        return real(t, p, training, inplace)
+
+    monkeypatch.setattr(F, "dropout", spy)
+    model(torch.randn(B, 3, 32, 32, dtype=torch.float64), torch.randint(0, C, (B,)))
+    rows = B * 17 * K  # 16 patches + the class token, top-2
+    assert seen == [((rows, 40), 0.2), ((rows, D), 0.2)] * 2  # two MoE blocks; nothing else drops
