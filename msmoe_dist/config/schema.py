@@ -54,7 +54,8 @@ class ModelConfig:
         "switch",
         "switch: an MoE layer in every block. glam: MoE blocks alternate with dense FFN blocks "
         "(block 0 MoE, block 1 dense, ...); dense blocks pass the momentum state through unchanged. "
-        "middle: one MoE block at index num_layers // 2, all others dense (the StableMoE paper's layout).",
+        "middle: one MoE block at index num_layers // 2, all others dense (the StableMoE paper's layout; "
+        "model.layer_insert inserts it as an extra layer instead).",
         ("switch", "glam", "middle"),
     )
     position: str = opt("learned", "Position encoding.", ("learned", "rotary"))
@@ -81,6 +82,47 @@ class ModelConfig:
         4.0, "output_layer=adaptive: tail cluster i projects to d_model // div_value**(i+1) dims; > 0."
     )
     init_std: float = opt(0.02, "Std of the normal init of linear and embedding weights.")
+    init: str = opt(
+        "normal",
+        "normal: every linear/embedding weight N(0, init_std), biases 0. torch_default (language model): PyTorch's "
+        "default initialisers, as the MomentumSMoE reference has them: embeddings N(0, 1), linear layers "
+        "U(+-1/sqrt(fan_in)) weights and biases, experts U(+-1/sqrt(d_model*expert_ffn_dim)) with zero biases "
+        "(fastmoe's FMoELinear). vmoe (model.kind=vit): the flax initialisers of the V-MoE fork rachtsy/vmoe "
+        "(xavier-uniform MLP/attention kernels, N(0, 1e-6) MLP biases, LeCun-normal router and patch embedding, "
+        "one initial draw shared by all experts). fairseq (language model): fairseq's, as the StableMoE reference: "
+        "token and position embeddings N(0, d_model^-1/2), q/k/v xavier-uniform with gain 1/sqrt(2), attention "
+        "output xavier-uniform with a zero bias, other linear layers PyTorch's default, experts' second layer "
+        "zero (MoESublayer). docs/reference_differences.md.",
+        ("normal", "torch_default", "vmoe", "fairseq"),
+    )
+    output_bias: bool = opt(
+        False, "Language model: a bias on the output layer (full/chunked), as the MomentumSMoE reference's out_emb."
+    )
+    dropout_at: str = opt(
+        "all",
+        "Where model.dropout applies. all: embeddings, attention probabilities and output, the dense FFN's hidden "
+        "layer and output, the MoE output. reference (the MomentumSMoE reference): attention probabilities, the "
+        "dense FFN's hidden layer and the MoE output only (set moe.expert_dropout for the experts' hidden layer).",
+        ("all", "reference"),
+    )
+    norm_eps: float = opt(1e-5, "Epsilon of every LayerNorm (PyTorch: 1e-5; flax, the V-MoE reference: 1e-6); > 0.")
+    post_mlp_norm: bool = opt(
+        False,
+        "pre_ln blocks: a LayerNorm after every MLP/MoE residual, x = LN(x + d), as the rachtsy/vmoe momentum "
+        "models (MomentumV-MoE, Robust) have it.",
+    )
+    layer_insert: bool = opt(
+        False,
+        "layout=middle: insert the MoE layer as an extra layer (LN -> MoE -> residual, no attention) before block "
+        "num_layers // 2, keeping every block's dense FFN, as the StableMoE reference does; false replaces block "
+        "num_layers // 2's FFN.",
+    )
+    attention_bias: bool = opt(
+        True, "Biases on the attention's q/k/v and output projections (the MomentumSMoE reference has none)."
+    )
+    embed_scale: bool = opt(
+        False, "Language model: multiply the token embeddings by sqrt(d_model), as fairseq (the StableMoE reference)."
+    )
 
 
 @dataclass
@@ -88,7 +130,12 @@ class MoEConfig:
     num_experts: int = opt(8, "Experts per MoE layer (total, across all expert-parallel ranks).")
     top_k: int = opt(2, "Experts each token is routed to; 1 <= top_k <= num_experts.")
     expert_ffn_dim: int = opt(512, "Inner size of each expert FFN (d_model -> expert_ffn_dim -> d_model).")
-    activation: str = opt("relu", "Expert FFN activation (the reference uses relu).", ("relu", "gelu", "silu"))
+    activation: str = opt(
+        "relu",
+        "Expert FFN activation (the reference uses relu); gelu is exact, gelu_tanh the tanh approximation (flax's "
+        "nn.gelu, the V-MoE reference).",
+        ("relu", "gelu", "silu", "gelu_tanh"),
+    )
     gate: str = opt(
         "topk_softmax",
         "topk_softmax: take the top-k logits, softmax over those k (the MomentumSMoE reference gate). "
@@ -148,6 +195,21 @@ class MoEConfig:
         "router. Paper: 10% of training, so set it to train.max_steps / 10 (the default is 10% of the default "
         "train.max_steps); an absolute step, so the stage depends on the step alone and survives resumes; >= 0.",
     )
+    gate_bias: bool = opt(
+        False, "topk router: a bias on the gate's linear layer (the MomentumSMoE reference's nn.Linear)."
+    )
+    expert_dropout: float = opt(
+        0.0, "Dropout inside each expert after its activation (the MomentumSMoE and V-MoE references), in [0, 1)."
+    )
+    expert_output_dropout: float = opt(
+        0.0, "Dropout on each expert's output before the gates combine them (V-MoE's expert MlpBlock), in [0, 1)."
+    )
+    stable_router_input: str = opt(
+        "normed",
+        "stablemoe: what the router scores and gates. normed: the MoE layer's (LayerNorm-ed) input. residual: the "
+        "raw residual stream, as the StableMoE reference does (the experts still see the normalised input).",
+        ("normed", "residual"),
+    )
 
 
 @dataclass
@@ -177,6 +239,15 @@ class MomentumConfig:
     )
     rho: float = opt(0.2, "Robust momentum convergence-rate parameter rho, in (0, 1).")
     kappa: float = opt(1.25, "Robust momentum condition-number parameter kappa, > 1.")
+    lookahead: str = opt(
+        "residual",
+        "robust, pre_ln blocks: where the look-ahead lam*p is added. residual: to the residual stream before the "
+        "LayerNorm, LN(x + lam*p). normed: after it, LN(x) + lam*p (the rachtsy/vmoe robust reference).",
+        ("residual", "normed"),
+    )
+    lookahead_dense: bool = opt(
+        False, "robust: the dense (non-MoE) blocks' FFN sees the look-ahead point too (the rachtsy/vmoe reference)."
+    )
 
 
 @dataclass
@@ -255,6 +326,23 @@ class VisionConfig:
     synthetic_train_per_class: int = opt(64, "synthetic_images only: training images per class.")
     synthetic_val_per_class: int = opt(16, "synthetic_images only: validation images per class.")
     synthetic_seed: int = opt(1234, "synthetic_images only: seed of the image generator.")
+    pre_logits: bool = opt(
+        False,
+        "A pre-logits layer before the head: tanh(Linear(d_model, d_model)) (V-MoE's representation_size).",
+        arch=True,
+    )
+    head_bias: str = opt(
+        "zero",
+        "Initial bias of the classifier head: zero, or neg_log_classes = -log(num_classes) (V-MoE), which starts "
+        "every sigmoid near 1/num_classes.",
+        ("zero", "neg_log_classes"),
+    )
+    loss: str = opt(
+        "softmax_ce",
+        "softmax_ce: softmax cross-entropy. sigmoid_ce: V-MoE's sigmoid_xent, per image the sum over classes of "
+        "binary cross-entropy against the (one-hot or mixup) targets, averaged over images.",
+        ("softmax_ce", "sigmoid_ce"),
+    )
 
 
 @dataclass

@@ -173,6 +173,39 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
                     "has its own balance loss (moe.stable_balance_coef): expected 0/false",
                 )
 
+    # ---- reference-exact options (docs/reference_differences.md)
+    positive("model.norm_eps")
+    in_range("moe.expert_dropout", 0, 1)
+    in_range("moe.expert_output_dropout", 0, 1)
+    style, mkind = get("model.block_style"), get("model.kind")
+    if mkind == "vit":
+        for key, unused in (
+            ("model.init", "torch_default"),
+            ("model.init", "fairseq"),
+            ("model.output_bias", True),
+            ("model.embed_scale", True),
+        ):
+            if get(key) == unused:
+                fail([key, "model.kind"], f"{key}={show(unused)} is a language-model option: not with model.kind=vit")
+    elif get("model.init") == "vmoe":
+        fail(["model.init", "model.kind"], "model.init=vmoe is the V-MoE fork's initialisation: needs model.kind=vit")
+    for key, bad in (("model.post_mlp_norm", True), ("model.layer_insert", True), ("momentum.lookahead", "normed")):
+        if get(key) == bad and style != "pre_ln":
+            fail([key, "model.block_style"], f"{key}={show(bad)} needs model.block_style=pre_ln, got {style}")
+    if get("model.layer_insert") and (mkind != "lm" or get("model.layout") != "middle"):
+        fail(
+            ["model.layer_insert", "model.layout"],
+            "model.layer_insert=true inserts the one MoE layer of model.layout=middle (language model): "
+            f"got model.layout={get('model.layout')}",
+        )
+    if get("moe.gate_bias") and get("moe.router") != "topk":
+        fail(["moe.gate_bias", "moe.router"], "moe.gate_bias=true is a moe.router=topk option (the linear gate)")
+    if get("moe.stable_router_input") != "normed" and get("moe.router") != "stablemoe":
+        fail(
+            ["moe.stable_router_input", "moe.router"],
+            "moe.stable_router_input=residual is a moe.router=stablemoe option: expected normed",
+        )
+
     # ---- momentum
     in_range("momentum.mu", 0, 1)
     positive("momentum.gamma")

@@ -27,13 +27,13 @@ def apply_rotary(x_BHSDh: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     """causal=True: each position attends to itself and earlier ones (the LM); False: to all (ViT)."""
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float, rotary: bool, causal: bool):
+    def __init__(self, d_model: int, num_heads: int, dropout: float, rotary: bool, causal: bool, bias: bool = True):
         super().__init__()
         self.causal = causal
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
         self.rotary = rotary
 

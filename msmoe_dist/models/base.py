@@ -5,17 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 from msmoe_dist.models.blocks import Block
+from msmoe_dist.models.inserted_moe import InsertedMoELayer
 from msmoe_dist.moe import MoELayer
 
 
 class MoEModel(nn.Module):
-    """A stack of `Block`s in `self.blocks`, some of them MoE blocks."""
+    """A stack of `Block`s in `self.blocks`, some of them MoE blocks (and, with model.layer_insert, one
+    `InsertedMoELayer`)."""
 
     blocks: nn.ModuleList
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers, in block order."""
-        return [block.moe for block in self.blocks if isinstance(block, Block) and block.is_moe]
+        return [block.moe for block in self.blocks if isinstance(block, (Block, InsertedMoELayer)) and block.is_moe]
 
     def set_step(self, step: int) -> None:
         """Tells the MoE layers (StableMoE's two stages) the 0-based optimiser step about to be taken; the

@@ -8,6 +8,11 @@ Two block styles:
              so its inner LayerNorm sees the step alone: h = LN2(h + LNm(d(u))). Reproduced as is.
 d(u) is the momentum family's residual increment (msmoe_dist.momentum). Dense blocks (GLaM
 layout) pass the momentum state through unchanged.
+Reference options (docs/reference_differences.md): model.dropout_at=reference drops the attention and
+dense-FFN output dropout; model.post_mlp_norm makes the pre_ln residual x = LN(x + d) (rachtsy/vmoe's
+momentum models); momentum.lookahead=normed feeds LN(x) + lam*p instead of LN(x + lam*p), and
+momentum.lookahead_dense feeds it to dense blocks too (rachtsy/vmoe robust); with
+moe.stable_router_input=residual the StableMoE router scores the un-normalised residual stream.
 
 Legend: B batch, S sequence, D model dim.
 """
@@ -51,16 +56,23 @@ class Block(nn.Module):
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
         self.moe_layer_index = moe_layer_index
-        self.attn = SelfAttention(d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary", causal=causal)
-        self.norm1 = nn.LayerNorm(d)
-        self.norm2 = nn.LayerNorm(d)
+        self.attn = SelfAttention(
+            d, mcfg.num_heads, mcfg.dropout, rotary=mcfg.position == "rotary", causal=causal, bias=mcfg.attention_bias
+        )
+        self.norm1 = nn.LayerNorm(d, eps=mcfg.norm_eps)
+        self.norm2 = nn.LayerNorm(d, eps=mcfg.norm_eps)
         self.drop = nn.Dropout(mcfg.dropout)
+        # model.dropout_at=reference: no dropout on the attention and dense FFN outputs (the MoE output keeps it).
+        self.sub_drop: nn.Module = nn.Identity() if mcfg.dropout_at == "reference" else self.drop
+        # model.post_mlp_norm (pre_ln): x = LN(x + d) after the MLP/MoE residual (rachtsy/vmoe momentum models).
+        self.post_norm = nn.LayerNorm(d, eps=mcfg.norm_eps) if mcfg.post_mlp_norm else None
+        self.router_sees_residual = moe_cfg.router == "stablemoe" and moe_cfg.stable_router_input == "residual"
         if moe_layer_index is None:
             self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout, dense_activation)
         else:
             self.moe = MoELayer(d, moe_cfg, init_std=mcfg.init_std, vocab_size=vocab_size)
             if not self.pre_ln:
-                self.moe_norm = nn.LayerNorm(d)  # the reference's inner LayerNorm
+                self.moe_norm = nn.LayerNorm(d, eps=mcfg.norm_eps)  # the reference's inner LayerNorm
 
     @property
     def is_moe(self) -> bool:
@@ -76,20 +88,25 @@ class Block(nn.Module):
     ):
         """Returns (x, state, aux_loss or None, stats dict or None). token_ids [B, S]: for routers that use them."""
         if self.pre_ln:
-            x = x + self.drop(self.attn(self.norm1(x)))
+            x = x + self.sub_drop(self.attn(self.norm1(x)))
         else:
-            x = self.norm1(x + self.drop(self.attn(x)))
+            x = self.norm1(x + self.sub_drop(self.attn(x)))
         if not self.is_moe:
             if self.pre_ln:
-                return x + self.drop(self.ffn(self.norm2(x))), state, None, None
-            return self.norm2(x + self.drop(self.ffn(x))), state, None, None
+                h = self._ffn_input(x, state, momentum) if momentum.lookahead_dense else self.norm2(x)
+                return self._residual(x, self.sub_drop(self.ffn(h))), state, None, None
+            return self.norm2(x + self.sub_drop(self.ffn(x))), state, None, None
 
-        y = momentum.lookahead(x, state)
-        moe_out = self.moe(self.norm2(y) if self.pre_ln else y, collect_stats=collect_stats, token_ids=token_ids)
+        if self.pre_ln:
+            y = self._ffn_input(x, state, momentum)
+            router_input = momentum.lookahead(x, state) if self.router_sees_residual else None
+        else:
+            y, router_input = momentum.lookahead(x, state), None
+        moe_out = self.moe(y, collect_stats=collect_stats, token_ids=token_ids, router_input=router_input)
         u = self.drop(moe_out.out)
         d, state = momentum(u, state, self.moe_layer_index)
         if self.pre_ln:
-            x = x + d
+            x = self._residual(x, d)
         elif momentum.is_adam_layer(self.moe_layer_index):
             x = self.norm2(x + self.moe_norm(d))
         else:
@@ -100,3 +117,13 @@ class Block(nn.Module):
             if state.p is not None:  # a 0-d tensor: read on the host only when the trainer logs it
                 stats["momentum_norm"] = state.p.detach().float().norm(dim=-1).mean()
         return x, state, moe_out.aux_loss, stats
+
+    def _ffn_input(self, x: Tensor, state: MomentumState, momentum: MomentumUpdate) -> Tensor:
+        """pre_ln: what the FFN/MoE sees, LN(x + lam*p) or, with momentum.lookahead=normed, LN(x) + lam*p."""
+        if momentum.lookahead_at == "normed":
+            return momentum.lookahead(self.norm2(x), state)
+        return self.norm2(momentum.lookahead(x, state))
+
+    def _residual(self, x: Tensor, d: Tensor) -> Tensor:
+        """pre_ln: x + d, or LN(x + d) with model.post_mlp_norm."""
+        return x + d if self.post_norm is None else self.post_norm(x + d)

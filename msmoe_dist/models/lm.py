@@ -5,6 +5,7 @@ Legend: B batch, S sequence, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,9 @@ from msmoe_dist.config.moe_placement import lm_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig
 from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
+from msmoe_dist.models.inserted_moe import InsertedMoELayer
 from msmoe_dist.models.output import build_head, output_logits, output_loss
+from msmoe_dist.models.reference_init import fairseq_init, torch_default_init
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -42,26 +45,40 @@ class MoELanguageModel(MoEModel):
         d = mcfg.d_model
         self.tok_emb = nn.Embedding(vocab_size, d)
         self.pos_emb = nn.Embedding(mcfg.max_seq_len, d) if mcfg.position == "learned" else None
-        self.emb_drop = nn.Dropout(mcfg.dropout)
-        moe_blocks = set(lm_moe_blocks(mcfg.num_layers, mcfg.layout))
-        blocks, n_moe = [], 0
+        # model.dropout_at=reference: the MomentumSMoE reference has no embedding dropout.
+        self.emb_drop = nn.Dropout(mcfg.dropout) if mcfg.dropout_at == "all" else nn.Identity()
+        inserted = mcfg.layout == "middle" and mcfg.layer_insert  # StableMoE's extra layer (models/inserted_moe.py)
+        moe_blocks = set() if inserted else set(lm_moe_blocks(mcfg.num_layers, mcfg.layout))
+        blocks: list[nn.Module] = []
+        n_moe = 0
         for i in range(mcfg.num_layers):
             idx = None
             if i in moe_blocks:
                 idx, n_moe = n_moe, n_moe + 1
             blocks.append(Block(mcfg, moe_cfg, idx, vocab_size=vocab_size))
+        if inserted:
+            blocks.insert(mcfg.num_layers // 2, InsertedMoELayer(mcfg, moe_cfg, 0, vocab_size=vocab_size))
+            n_moe = 1
         self.blocks = nn.ModuleList(blocks)
         self.momentum = MomentumUpdate(mom_cfg, n_moe)
         # The reference's post-LN blocks end normalised; pre-LN needs a final LayerNorm.
-        self.final_norm = nn.LayerNorm(d) if mcfg.block_style == "pre_ln" else nn.Identity()
+        self.final_norm = nn.LayerNorm(d, eps=mcfg.norm_eps) if mcfg.block_style == "pre_ln" else nn.Identity()
         self.output_layer, self.output_chunk_tokens = mcfg.output_layer, mcfg.output_chunk_tokens
         if mcfg.output_layer == "adaptive" and mcfg.tie_embeddings:
             raise ValueError(
                 "model.output_layer=adaptive cannot tie its output layer to the token embedding: "
                 "expected model.tie_embeddings=false"
             )
-        self.head = build_head(mcfg.output_layer, d, vocab_size, mcfg.adaptive_cutoffs, mcfg.adaptive_div_value)
-        self._init_weights(mcfg.init_std)
+        self.head = build_head(
+            mcfg.output_layer, d, vocab_size, mcfg.adaptive_cutoffs, mcfg.adaptive_div_value, mcfg.output_bias
+        )
+        if mcfg.init == "torch_default":
+            torch_default_init(self)
+        elif mcfg.init == "fairseq":
+            fairseq_init(self)
+        else:
+            self._init_weights(mcfg.init_std)
+        self.embed_scale = math.sqrt(d) if mcfg.embed_scale else 1.0  # fairseq's TransformerDecoder
         if mcfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
@@ -88,6 +105,8 @@ class MoELanguageModel(MoEModel):
         if S > self.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.max_seq_len}")
         x = self.tok_emb(idx_BS)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(S, device=idx_BS.device))
         x = self.emb_drop(x)

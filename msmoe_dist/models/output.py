@@ -27,14 +27,17 @@ from torch import Tensor, nn
 from msmoe_dist.config.output_layer import check_cutoffs
 
 
-def build_head(kind: str, d_model: int, vocab_size: int, cutoffs: str, div_value: float) -> nn.Module:
+def build_head(
+    kind: str, d_model: int, vocab_size: int, cutoffs: str, div_value: float, bias: bool = False
+) -> nn.Module:
     """nn.Linear(D, V) for full/chunked (the same parameters, so checkpoints move between them), or
-    the adaptive softmax module."""
+    the adaptive softmax module. ``bias`` (model.output_bias): a [V] bias, as the MomentumSMoE reference's
+    out_emb; the adaptive softmax has it on its head cluster."""
     if kind == "adaptive":
         return nn.AdaptiveLogSoftmaxWithLoss(
-            d_model, vocab_size, check_cutoffs(cutoffs, vocab_size), div_value=div_value, head_bias=False
+            d_model, vocab_size, check_cutoffs(cutoffs, vocab_size), div_value=div_value, head_bias=bias
         )
-    return nn.Linear(d_model, vocab_size, bias=False)
+    return nn.Linear(d_model, vocab_size, bias=bias)
 
 
 def _compute_dtype(h: Tensor) -> torch.dtype:
@@ -137,6 +140,12 @@ def _adaptive_precision(h_ND: Tensor):
 def output_loss(kind: str, head: nn.Module, h_ND: Tensor, targets_N: Tensor, chunk: int, reduction: str) -> Tensor:
     """Token cross-entropy (fp32), mean or sum over the N tokens."""
     if kind == "chunked":
+        if head.bias is not None:
+            # h w^T + b = [h, 1] [w, b]^T: the same exact chunked loss; autograd splits the gradient back.
+            h_ND = torch.cat([h_ND, h_ND.new_ones(h_ND.shape[0], 1)], dim=1)
+            return chunked_cross_entropy(
+                h_ND, torch.cat([head.weight, head.bias[:, None]], dim=1), targets_N, chunk, reduction
+            )
         return chunked_cross_entropy(h_ND, head.weight, targets_N, chunk, reduction)
     if kind == "adaptive":
         with _adaptive_precision(h_ND) as h:

@@ -11,6 +11,7 @@ K classes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from msmoe_dist.config.moe_placement import vit_moe_blocks
 from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig, VisionConfig
 from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
+from msmoe_dist.models.reference_init import vmoe_init
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -32,9 +34,19 @@ class VisionOutput:
     stats: list[dict] | None  # per MoE layer, when collect_stats
 
 
-def classification_loss(logits_BK: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy in fp32; ``targets`` are class ids [B] or probability rows [B, K] (mixup)."""
+def classification_loss(
+    logits_BK: Tensor, targets: Tensor, reduction: str = "mean", kind: str = "softmax_ce"
+) -> Tensor:
+    """Cross-entropy in fp32; ``targets`` are class ids [B] or probability rows [B, K] (mixup).
+
+    kind=sigmoid_ce (vision.loss): V-MoE's sigmoid_xent (vmoe/train/trainer.py get_loss_fn), per image the
+    sum over the K classes of binary cross-entropy with logits against the one-hot or mixed targets."""
     logits_BK = logits_BK.float()
+    if kind == "sigmoid_ce":
+        if targets.dim() == 1:
+            targets = F.one_hot(targets, logits_BK.shape[-1])
+        bce_B = F.binary_cross_entropy_with_logits(logits_BK, targets.float(), reduction="none").sum(dim=-1)
+        return bce_B.sum() if reduction == "sum" else bce_B.mean()
     if targets.dim() == 2:
         nll_B = -(targets.float() * F.log_softmax(logits_BK, dim=-1)).sum(dim=-1)
         return nll_B.sum() if reduction == "sum" else nll_B.mean()
@@ -53,7 +65,8 @@ class VisionMoE(MoEModel):
         num_tokens = (vcfg.image_size // p) ** 2 + (1 if vcfg.pooling == "cls" else 0)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if vcfg.pooling == "cls" else None
         self.pos_emb = nn.Parameter(torch.zeros(1, num_tokens, d))
-        self.emb_drop = nn.Dropout(mcfg.dropout)
+        self.emb_drop = nn.Dropout(mcfg.dropout) if mcfg.dropout_at == "all" else nn.Identity()
+        self.loss_kind = vcfg.loss
         self.moe_blocks = vit_moe_blocks(mcfg.num_layers, vcfg.moe_layout, vcfg.moe_every, vcfg.moe_last)
         blocks = []
         for i in range(mcfg.num_layers):
@@ -61,9 +74,18 @@ class VisionMoE(MoEModel):
             blocks.append(Block(mcfg, moe_cfg, idx, causal=False, dense_activation=moe_cfg.activation))
         self.blocks = nn.ModuleList(blocks)
         self.momentum = MomentumUpdate(mom_cfg, len(self.moe_blocks))
-        self.final_norm = nn.LayerNorm(d)
+        self.final_norm = nn.LayerNorm(d, eps=mcfg.norm_eps)
+        # vision.pre_logits: V-MoE's representation layer, tanh(Dense(d)) between the pooled token and the head.
+        self.pre_logits = nn.Sequential(nn.Linear(d, d), nn.Tanh()) if vcfg.pre_logits else nn.Identity()
         self.head = nn.Linear(d, vcfg.num_classes)
-        self._init_weights(mcfg.init_std)
+        if mcfg.init == "vmoe":
+            vmoe_init(self)  # the V-MoE fork's flax initialisers (the zero head below stays)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self._init_weights(mcfg.init_std)
+        if vcfg.head_bias == "neg_log_classes":  # V-MoE: head_bias_init = -log(num_classes)
+            nn.init.constant_(self.head.bias, -math.log(vcfg.num_classes))
 
     def _init_weights(self, std: float) -> None:
         for mod in self.modules():
@@ -104,6 +126,6 @@ class VisionMoE(MoEModel):
                 stats.append(layer_stats)
         x_BND = self.final_norm(x_BND)
         pooled_BD = x_BND[:, 0] if self.cls_token is not None else x_BND.mean(dim=1)
-        logits_BK = self.head(pooled_BD)
-        loss = None if targets is None else classification_loss(logits_BK, targets, reduction)
+        logits_BK = self.head(self.pre_logits(pooled_BD))
+        loss = None if targets is None else classification_loss(logits_BK, targets, reduction, self.loss_kind)
         return VisionOutput(loss=loss, aux_loss=aux, logits=logits_BK, stats=stats)

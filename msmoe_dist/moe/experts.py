@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The experts' and the dense FFN's activations (models/blocks.py uses these too).
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # flax's nn.gelu (the V-MoE reference)
+    "silu": F.silu,
+}
 
 _EXPERT_TAG = "is_expert"  # attribute set on every expert Parameter
 
@@ -49,6 +54,8 @@ def _act_backward_(activation: str, grad_a: Tensor, saved: Tensor) -> Tensor:
         return torch.ops.aten.threshold_backward.grad_input(grad_a, saved, 0, grad_input=saved)
     if activation == "gelu":
         return torch.ops.aten.gelu_backward.grad_input(grad_a, saved, grad_input=saved)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward.grad_input(grad_a, saved, approximate="tanh", grad_input=saved)
     return torch.ops.aten.silu_backward.grad_input(grad_a, saved, grad_input=saved)
 
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msmoe_dist.moe.dispatcher import Dispatcher, LocalDispatcher
+from msmoe_dist.moe.expert_dropout import experts_with_hidden_dropout
 from msmoe_dist.moe.experts import Experts
 from msmoe_dist.moe.router import Router
 from msmoe_dist.moe.stablemoe import StableMoERouter
@@ -103,12 +105,20 @@ class MoELayer(nn.Module):
             return self.cfg.eval_capacity_factor
         return self.cfg.capacity_factor
 
-    def forward(self, x: Tensor, collect_stats: bool = False, token_ids: Tensor | None = None) -> MoEOutput:
-        """``token_ids``: the input ids of the tokens, shaped like x without its last dim (StableMoE routes by them)."""
+    def forward(
+        self,
+        x: Tensor,
+        collect_stats: bool = False,
+        token_ids: Tensor | None = None,
+        router_input: Tensor | None = None,
+    ) -> MoEOutput:
+        """``token_ids``: the input ids of the tokens, shaped like x without its last dim (StableMoE routes by them).
+        ``router_input``: what the router scores instead of x, same shape (moe.stable_router_input=residual)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"expected last dim {self.d_model}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.d_model)
-        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        r_TD = x_TD if router_input is None else router_input.reshape(-1, self.d_model)
+        routing = self.router(r_TD, None if token_ids is None else token_ids.reshape(-1))
 
         # Cast before the gather, not after: under autocast the experts compute in the low
         # precision anyway, and this moves T rows instead of T*K (and halves what crosses
@@ -120,7 +130,13 @@ class MoELayer(nn.Module):
 
         capacity = self.dispatcher.capacity(self.capacity_factor, x_TD.shape[0], self.cfg.top_k, x_TD.device)
         x_RD, tokens_per_expert, state = self.dispatcher.dispatch(x_in_TD, combine_routing, capacity)
-        y_RD = self._run_experts(x_RD, tokens_per_expert)
+        expert_dropout = getattr(self.cfg, "expert_dropout", 0.0)
+        if self.training and expert_dropout > 0:
+            y_RD = experts_with_hidden_dropout(self.experts, x_RD, tokens_per_expert, expert_dropout)
+        else:
+            y_RD = self._run_experts(x_RD, tokens_per_expert)
+        if self.training and getattr(self.cfg, "expert_output_dropout", 0.0) > 0:
+            y_RD = F.dropout(y_RD, self.cfg.expert_output_dropout, training=True)  # per expert row, before combine
         combined = self.dispatcher.combine(y_RD, state)
         # Statistics describe this rank's tokens: under EP, the rows after they came home.
         stats = compute_stats(routing, combined.home, combined.home_rows_RD) if collect_stats else None

@@ -119,10 +119,14 @@ class Router(nn.Module):
         self.balance_loss = cfg.balance_loss
         self.z_loss_coef = cfg.z_loss_coef
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
+        # moe.gate_bias: the MomentumSMoE reference's gate is an nn.Linear with a bias.
+        self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if getattr(cfg, "gate_bias", False) else None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def set_step(self, step: int) -> None:
         """Nothing in top-k routing depends on the step."""
@@ -132,7 +136,8 @@ class Router(nn.Module):
         # Routing decisions flip on tiny logit differences, and bf16 has 8 mantissa bits:
         # the gate always runs in fp32, whatever autocast says.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            clean_logits_TE = logits_TE = F.linear(x_TD.float(), self.weight.float())
+            bias = None if self.bias is None else self.bias.float()
+            clean_logits_TE = logits_TE = F.linear(x_TD.float(), self.weight.float(), bias)
             noise_std = self.noise_std / self.num_experts
             noisy = self.noisy_gating and self.training
             if noisy:

@@ -72,6 +72,9 @@ class MomentumUpdate(nn.Module):
         self.num_moe_layers = num_moe_layers
         self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
         self.adam_gamma, self.adam_layers = cfg.adam_gamma, cfg.adam_layers
+        # Where the robust look-ahead is added (pre_ln blocks) and whether dense blocks see it too.
+        self.lookahead_at = cfg.lookahead
+        self.lookahead_dense = cfg.lookahead_dense and cfg.kind == "robust"
         if cfg.kind == "robust":
             # Robust momentum is parametrised by (rho, kappa); mu/gamma are derived, not read.
             self.alpha, beta, self.lam = robust_coefficients(cfg.rho, cfg.kappa)

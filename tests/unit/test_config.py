@@ -366,7 +366,7 @@ def test_unknown_section_on_command_line():
         ("optim.lr", float("inf"), "finite"),
         ("model.tie_embeddings", 1, "expected true or false, got 1"),
         ("model.tie_embeddings", "yes please", "expected true or false"),
-        ("moe.activation", "gelo", "one of relu|gelu|silu, got 'gelo'; did you mean 'gelu'"),
+        ("moe.activation", "gelo", "one of relu|gelu|silu|gelu_tanh, got 'gelo'; did you mean 'gelu'"),
         ("moe.gate", "banana", "one of topk_softmax|softmax_topk"),
         ("train.run_dir", 2024, "expected a string"),
     ],
@@ -548,6 +548,6 @@ def test_help_text_documents_every_key():
         for f in dataclasses.fields(s.default_factory):
             assert f"{s.name}.{f.name} (" in text, f"{s.name}.{f.name} missing from the manual"
             assert f.metadata.get("help"), f"{s.name}.{f.name} has no help text"
-    assert "moe.activation (str, default relu, one of relu|gelu|silu): " in text
+    assert "moe.activation (str, default relu, one of relu|gelu|silu|gelu_tanh): " in text
     assert "model.tie_embeddings (bool, default true)" in text
     assert "model.num_layers (int, default 4)" in text

@@ -10,7 +10,16 @@ import pytest
 from msmoe_dist.config import ModelSpec, config_to_dict, load_config
 from msmoe_dist.config.fields import arch_keys, section_fields
 
-VISION_SHAPE_KEYS = ("image_size", "patch_size", "num_classes", "pooling", "moe_layout", "moe_every", "moe_last")
+VISION_SHAPE_KEYS = (
+    "image_size",
+    "patch_size",
+    "num_classes",
+    "pooling",
+    "moe_layout",
+    "moe_every",
+    "moe_last",
+    "pre_logits",
+)
 VIT = ["model.kind=vit", "data.kind=synthetic_images", "vision.num_classes=10"]
 SAME_WEIGHTS = {"model.output_chunk_tokens", "model.output_layer"}  # the two exceptions, tested on their own
 

@@ -1,0 +1,34 @@
+"""Experts with dropout inside: after the activation (moe.expert_dropout), the placement of the
+MomentumSMoE reference (rachtsy/MomentumSMoE models.py, activation = Sequential(ReLU, Dropout)) and of
+V-MoE's expert MlpBlock (vmoe/vit_jax/models_vit.py MlpBlock: gelu, Dropout, Dense, Dropout).
+
+The fused expert kernels (moe/experts.py) have no dropout; in training with moe.expert_dropout > 0
+the layer runs this per-expert chain instead: the same weights and the same math, plus one dropout
+mask over the [R, F] hidden rows. Evaluation (and expert_dropout = 0) keeps the fast path.
+
+Legend: R routed rows (sorted by expert), D model dim, F ffn dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from msmoe_dist.moe.experts import ACTIVATIONS, Experts
+
+
+def experts_with_hidden_dropout(experts: Experts, x_RD: Tensor, tokens_per_expert: Sequence[int], p: float) -> Tensor:
+    """y = act(x w1[e] + b1[e]) -> dropout(p) -> (.) w2[e] + b2[e], expert by expert (training only)."""
+    counts = experts._check(x_RD, tokens_per_expert)
+    x, w1, b1, w2, b2 = experts._weights(x_RD)
+    act = ACTIVATIONS[experts.activation]
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    with torch.autocast(device_type=x_RD.device.type, enabled=False):
+        h_RF = torch.cat([x[s:t] @ w1[e] + b1[e] for e, (s, t) in enumerate(zip(starts, starts[1:]))])
+        a_RF = F.dropout(act(h_RF), p, training=True)
+        return torch.cat([a_RF[s:t] @ w2[e] + b2[e] for e, (s, t) in enumerate(zip(starts, starts[1:]))])
