@@ -30,7 +30,6 @@ An adaptive softmax is counted with its real modules on a Zipf(1) split of the t
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,10 +94,8 @@ class Census:
 
     @property
     def saved_bytes(self) -> int:
-        """Everything saved for backward without checkpointing."""
-        return self.outside_saved_bytes + sum(
-            b.input_bytes + b.moe_row_bytes + b.moe_token_bytes + b.rest_bytes for b in self.blocks
-        )
+        """Everything saved for backward without checkpointing (a block's input is among what its parts save)."""
+        return self.outside_saved_bytes + sum(b.moe_row_bytes + b.moe_token_bytes + b.rest_bytes for b in self.blocks)
 
 
 # --------------------------------------------------------------------------- routing fixed for the census
@@ -121,8 +118,10 @@ class CensusDispatcher:
     def dispatch(self, x_TD: Tensor, routing: Routing, capacity: int | None):
         T = x_TD.shape[0]
         R = sum(self.rows_per_expert)
-        token_R = torch.arange(R, device=x_TD.device) % T
-        weight_R = routing.weights_TK.t().reshape(-1).repeat(math.ceil(R / max(routing.weights_TK.numel(), 1)))[:R]
+        # The same ops as LocalDispatcher.dispatch on a fixed sorted order: k-major assignment a -> token a mod T.
+        assignment_A = torch.arange(R, device=x_TD.device) % max(routing.weights_TK.numel(), 1)
+        token_R = assignment_A % T
+        weight_R = routing.weights_TK.t().reshape(-1)[assignment_A]
         counts = tuple(self.rows_per_expert)
         state = DispatchState(token_R, weight_R, T, counts, counts, 0, None)
         return permute(x_TD, token_R), list(counts), state

@@ -16,7 +16,7 @@ not change. SGD keeps one momentum buffer of 4 bytes instead of Adam's 8.)
 
 Activations (bytes saved for backward, from the census of the real model, per micro-batch):
 
-    none        sum over blocks (input + moe_rows * f + router + rest) + outside
+    none        sum over blocks (moe_rows * f + router + rest) + outside  (a block's input is among these)
     block       sum over blocks of input + max over blocks of (moe_rows * f + router + rest) + outside
                 (torch.utils.checkpoint of whole blocks: each block's input is kept; in backward one block
                 at a time is recomputed and holds its activations)
@@ -119,7 +119,7 @@ def activation_bytes(c: Census, mode: str, imbalance: float = 1.0) -> int:
     f = imbalance if c.routed_rows and not _capacity_padded(c) else 1.0
     blocks = c.blocks
     if mode == "none":
-        inner = sum(b.input_bytes + b.moe_row_bytes * f + b.moe_token_bytes + b.rest_bytes for b in blocks)
+        inner = sum(b.moe_row_bytes * f + b.moe_token_bytes + b.rest_bytes for b in blocks)
     elif mode == "block":
         inner = sum(b.input_bytes for b in blocks) + max(
             (b.moe_row_bytes * f + b.moe_token_bytes + b.rest_bytes for b in blocks), default=0
