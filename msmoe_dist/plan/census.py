@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from msmoe_dist.config.schema import Config
@@ -83,6 +84,8 @@ class Census:
     outside_saved_bytes: int  # embeddings, final norm, output layer
     act_bytes: int = field(default=0)  # element size of the activations (the compute dtype)
     capacity_rows: int | None = None  # capacity mode under EP: the padded E*C rows each all-to-all moves
+    ops: int = 0  # aten operator calls of forward + backward (each one a kernel launch or a CPU dispatch)
+    expert_ops: int = 0  # of which in the experts (CPU path: a loop over the local experts)
 
     @property
     def tokens(self) -> int:
@@ -229,6 +232,26 @@ _EXTRA_FLOPS = {
 }
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten calls of forward + backward (the per-operator overhead of eager execution), and
+    separately those of the experts: the CPU path loops over the local experts (a few calls per expert),
+    the CUDA path runs them as one grouped GEMM. In forward the experts module's hooks set ``in_experts``;
+    in backward the autograd node being run tells (the experts' own Function)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.expert_calls = 0
+        self.in_experts = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        node = torch._C._current_autograd_node()
+        if self.in_experts or (node is not None and "SplitFFN" in node.name()):
+            self.expert_calls += 1
+        return func(*args, **(kwargs or {}))
+
+
 class _SavedTensors:
     """Pack hook that adds each saved tensor's storage once to the part of the model running now."""
 
@@ -368,12 +391,16 @@ def take_census(
         inputs: dict[int, int] = {}
         fwd = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
         bwd = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
-        with fwd, _attributing(model, saved, inputs):
+        ops = _OpCounter()
+        for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+            layer.experts.register_forward_pre_hook(lambda m, a: setattr(ops, "in_experts", True))
+            layer.experts.register_forward_hook(lambda m, a, o: setattr(ops, "in_experts", False))
+        with fwd, ops, _attributing(model, saved, inputs):
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                 out = model(idx, tgt)
                 saved.where = "outside"
                 loss = out.loss + out.aux_loss
-        with bwd:
+        with bwd, ops:
             loss.backward()
     flops = _attributed_flops(fwd.get_flop_counts(), sum(bwd.get_flop_counts()["Global"].values()))
     E = cfg.moe.num_experts
@@ -408,6 +435,8 @@ def take_census(
         blocks=blocks,
         outside_saved_bytes=saved.bytes.get("outside", 0),
         act_bytes=torch.empty((), dtype=act_dtype).element_size(),
+        ops=ops.calls,
+        expert_ops=ops.expert_calls,
         capacity_rows=(
             sum(census_rows_per_expert(cfg, micro_batch * S, layout))
             if cfg.moe.capacity_factor > 0 and layout.ep_size > 1

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default="h100-ib400", help="preset (h100-ib400, h200-ib400, a100-ib200) or YAML file")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: from the config or data)")
     p.add_argument("--ep-size", type=int, default=None, help="plan only this expert-parallel degree")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=None, help="plan only this ZeRO stage")
+    p.add_argument("--micro-batch", type=int, default=None, help="plan only this micro-batch size")
+    p.add_argument("--checkpointing", choices=("none", "block", "selective"), default=None, help="plan only this mode")
     p.add_argument(
         "--imbalance",
         type=float,
@@ -46,6 +49,7 @@ def _plan(args) -> dict:
 
     from msmoe_dist.config.loader import load_config
     from msmoe_dist.plan.cluster import load_cluster
+    from msmoe_dist.plan.memory import MODES
     from msmoe_dist.plan.report import candidate_row, census_row, print_plan
     from msmoe_dist.plan.search import CensusCache, PlanError, check_degrees, no_fit_message, resolve_vocab, search
 
@@ -65,9 +69,20 @@ def _plan(args) -> dict:
 
         check_plotting(args.plot)
     cache = CensusCache(cfg, vocab, flash_attention=cluster.device == "cuda")
-    cands = search(cache, cfg, cluster, args.gpus, args.imbalance, ep)
+    modes = (args.checkpointing,) if args.checkpointing else MODES
+    if args.micro_batch is not None and (args.micro_batch < 1 or cfg.data.batch_size % args.micro_batch):
+        raise PlanError(f"--micro-batch {args.micro_batch} must divide data.batch_size={cfg.data.batch_size}")
+    cands = [
+        c
+        for c in search(cache, cfg, cluster, args.gpus, args.imbalance, ep, modes)
+        if (args.zero_stage is None or c.setting.zero_stage == args.zero_stage)
+        and (args.micro_batch is None or c.setting.micro_batch == args.micro_batch)
+    ]
     if not cands:
-        raise PlanError(f"no expert-parallel degree divides both --gpus {args.gpus} and moe.num_experts")
+        raise PlanError(
+            f"no candidate: no expert-parallel degree divides both --gpus {args.gpus} and moe.num_experts, "
+            "or --zero-stage does not apply (one process runs the native engine: zero_stage 0)"
+        )
     if not cands[0].fits:
         msg = no_fit_message(cands, cluster, args.gpus)
         for world in (args.gpus * 2**k for k in range(1, 12)):

@@ -35,12 +35,14 @@ class Cluster:
     nvlink_allreduce_gbps: float  # ring all-reduce / reduce-scatter bus bandwidth inside a node
     net_allreduce_gbps: float  # the same across nodes
     collective_latency_us: float  # fixed cost of one collective call
+    op_overhead_us: float  # eager cost of one operator call (dispatch, kernel launch) that no FLOP count shows
     sources: str = ""
     notes: str = ""
 
 
 _REQUIRED = [f.name for f in fields(Cluster) if f.name not in ("sources", "notes")]
-_POSITIVE = [n for n in _REQUIRED if n not in ("name", "device", "collective_latency_us")]
+_NONNEGATIVE = ("collective_latency_us", "op_overhead_us")
+_POSITIVE = [n for n in _REQUIRED if n not in ("name", "device", *_NONNEGATIVE)]
 
 
 def preset_names() -> list[str]:
@@ -75,8 +77,8 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
             v = float(v)
             if f.name in _POSITIVE and v <= 0:
                 raise ClusterError(f"{source}: key {f.name!r} must be > 0, got {v}")
-            if f.name == "collective_latency_us" and v < 0:
-                raise ClusterError(f"{source}: key 'collective_latency_us' must be >= 0, got {v}")
+            if f.name in _NONNEGATIVE and v < 0:
+                raise ClusterError(f"{source}: key {f.name!r} must be >= 0, got {v}")
         values[f.name] = v
     if values["device"] not in ("cuda", "cpu"):
         raise ClusterError(f"{source}: key 'device' must be cuda or cpu, got {values['device']!r}")

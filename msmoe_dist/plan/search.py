@@ -76,6 +76,8 @@ def extrapolate(c1: Census, c2: Census, mb: int) -> Census:
         flops={k: _lerp(c1.flops[k], c2.flops[k], mb) for k in c1.flops},
         blocks=blocks,
         outside_saved_bytes=_lerp(c1.outside_saved_bytes, c2.outside_saved_bytes, mb),
+        ops=_lerp(c1.ops, c2.ops, mb),
+        expert_ops=_lerp(c1.expert_ops, c2.expert_ops, mb),
     )
 
 
@@ -99,7 +101,15 @@ class CensusCache:
             return self._take(mb, ep)
         c = extrapolate(self._take(1, 1), self._take(2, 1), mb)
         local = E // ep
-        return replace(c, local_experts=local, expert_params_rank=c.expert_params_total * local // E)
+        # The CPU experts loop over the local experts: their calls shrink with them.
+        ops = c.ops - c.expert_ops + c.expert_ops * local // E
+        return replace(
+            c,
+            local_experts=local,
+            expert_params_rank=c.expert_params_total * local // E,
+            ops=ops,
+            expert_ops=c.expert_ops * local // E,
+        )
 
 
 def engine_of(cfg: Config, world: int) -> str:

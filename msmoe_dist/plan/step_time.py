@@ -7,6 +7,10 @@ Per micro-batch (a step runs m = data.batch_size / micro_batch * train.grad_accu
                a matmul's backward costs twice its forward), selective the forward of attention and the rest
     memory     bytes saved for backward * 4 / memory bandwidth (element-wise ops: written in forward, read in
                backward, their gradients written and read)
+    overhead   aten calls of forward + backward (counted in the census; on CUDA the experts' per-expert CPU loop
+               is replaced by the grouped-GEMM path's ~40 calls per layer) * the cluster's op_overhead_us. On a CPU
+               the calls run one after another with the math: compute + memory + overhead. On a GPU the launches
+               are asynchronous: max(compute + memory, overhead) (a small model is launch-bound).
     all-to-all 4 per MoE layer (dispatch and combine, forward and backward; +2 with block checkpointing),
                each moving T*K*D*b*f bytes per rank; the share (ep - g) / ep with g = ranks of the EP group on
                the same node goes over the network, the rest over NVLink, both at once: time = max of the two
@@ -30,13 +34,15 @@ from msmoe_dist.plan.census import Census
 from msmoe_dist.plan.cluster import Cluster
 from msmoe_dist.plan.memory import Setting, activation_bytes, weight_bytes
 
+GROUPED_EXPERT_OPS = 40  # Experts._forward_grouped_mm: 13 calls forward, about twice that in backward
+
 
 @dataclass(frozen=True)
 class StepTime:
     """Seconds per optimiser step, by part (one rank; every rank runs the same in a balanced run)."""
 
     compute: float
-    memory_ops: float
+    memory_ops: float  # element-wise work, plus the eager per-operator overhead not hidden behind the math
     all_to_all: float
     grad_reduce: float
     optimizer: float
@@ -93,6 +99,14 @@ def plan_step(c: Census, s: Setting, cluster: Cluster, batch_size: int, grad_acc
     flops = c.total_flops + fl["expert"] * (f - 1) + recompute
     compute = flops / (1e12 * cluster.sustained_tflops)
     memory_ops = 4 * activation_bytes(c, "none", f) / (1e9 * cluster.mem_gbps)
+    ops = c.ops
+    if cluster.device == "cuda":  # the experts run as one grouped GEMM per layer: ~40 calls forward + backward
+        ops = c.ops - c.expert_ops + GROUPED_EXPERT_OPS * c.num_moe_layers
+    overhead = ops * (1.5 if s.checkpointing != "none" else 1.0) * 1e-6 * cluster.op_overhead_us
+    if cluster.device == "cpu":
+        memory_ops += overhead
+    else:
+        memory_ops += max(0.0, overhead - compute - memory_ops)
     rows = c.capacity_rows if c.capacity_rows is not None else c.tokens * c.top_k * f
     calls = 4 + (2 if s.checkpointing == "block" else 0)
     a2a = c.num_moe_layers * calls * a2a_seconds(rows * c.d_model * c.act_bytes, s.ep_size, cluster)
