@@ -105,7 +105,7 @@ def _a2a_worker(rank: int, init_file: str, nbytes: int, repeats: int, out) -> No
     secs = _median_seconds(once, repeats)
     if rank == 0:
         out.put(nbytes / secs / 1e9)
-    dist.barrier()
+    comm.barrier(name="calibrate done")
     dist.destroy_process_group()
 
 
