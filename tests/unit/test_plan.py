@@ -175,3 +175,23 @@ def test_presets_load_and_name_their_sources():
     assert {"h100-ib400", "h200-ib400", "a100-ib200"} <= set(preset_names())
     for name in ("h100-ib400", "h200-ib400", "a100-ib200"):
         assert "datasheet" in load_cluster(name).sources
+
+
+def test_calibrate_writes_a_cluster_file_the_planner_uses(tmp_path, capsys):
+    """msmoe-bench calibrate: measured figures (positive, finite) in a file that loads and plans."""
+    import argparse
+    import math
+
+    from msmoe_dist.bench.calibrate import run_calibrate
+    from msmoe_dist.plan.cluster import load_cluster
+
+    out = tmp_path / "cpu-local.yaml"
+    args = argparse.Namespace(output=str(out), ranks=2, repeats=1, cpu_time=True, threads=1, memory_gib=4.0)
+    figures = run_calibrate(args)
+    cluster = load_cluster(str(out))
+    assert cluster.name == "cpu-local" and cluster.device == "cpu" and cluster.gpus_per_node == 2
+    for key in ("gemm_tflops", "mem_gbps", "a2a_gbps", "op_overhead_us"):
+        assert 0 < figures[key] < math.inf
+    assert cluster.sustained_tflops == figures["gemm_tflops"] and cluster.net_a2a_gbps == figures["a2a_gbps"]
+    code, _, err = _run(capsys, "--config", QUICKSTART, "--vocab", "500", "--gpus", "2", "--cluster", str(out))
+    assert code == 0, err
