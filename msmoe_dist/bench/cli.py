@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from msmoe_dist.bench.gpu_check import add_gpu_check_args
 
     add_gpu_check_args(sub.add_parser("gpu-check", help="one-GPU acceptance checks (launch/gpu_check.sh)"))
+    from msmoe_dist.bench.calibrate import add_calibrate_args
+
+    add_calibrate_args(sub.add_parser("calibrate", help="write a cpu-local cluster file for msmoe-plan"))
     return parser
 
 
@@ -121,6 +124,11 @@ def bench_main(argv: list[str] | None = None) -> int:
         from msmoe_dist.bench.gpu_check import run_gpu_check
 
         return run_gpu_check(args)
+    if args.command == "calibrate":
+        from msmoe_dist.bench.calibrate import run_calibrate
+
+        print(json.dumps(run_calibrate(args)))
+        return 0
     if args.command == "memory":
         from msmoe_dist.bench.memory import print_table, run_memory_bench
 

@@ -1,0 +1,129 @@
+"""Time of one optimiser step on one rank, from the census FLOPs, the bytes that move, and the cluster.
+
+Per micro-batch (a step runs m = data.batch_size / micro_batch * train.grad_accum_steps of them):
+
+    compute    (FLOPs - expert FLOPs + expert FLOPs * f + recompute) / sustained rate
+               recompute: block checkpointing runs every block's forward again (1/3 of the blocks' FLOPs:
+               a matmul's backward costs twice its forward), selective the forward of attention and the rest
+    memory     bytes saved for backward * 4 / memory bandwidth (element-wise ops: written in forward, read in
+               backward, their gradients written and read)
+    overhead   aten calls of forward + backward (counted in the census; on CUDA the experts' per-expert CPU loop
+               is replaced by the grouped-GEMM path's ~40 calls per layer) * the cluster's op_overhead_us. On a CPU
+               the calls run one after another with the math: compute + memory + overhead. On a GPU the launches
+               are asynchronous: max(compute + memory, overhead) (a small model is launch-bound).
+    all-to-all 4 per MoE layer (dispatch and combine, forward and backward; +2 with block checkpointing),
+               each moving T*K*D*b*f bytes per rank; the share (ep - g) / ep with g = ranks of the EP group on
+               the same node goes over the network, the rest over NVLink, both at once: time = max of the two
+               + latency. ep_size 1 moves nothing.
+Per step:
+    gradients  dense: 2 (N-1)/N * P_d * w bytes over the data-parallel group (all-reduce, or reduce-scatter +
+               all-gather of the updated weights with ZeRO 1/2: the same bytes); experts the same over their
+               EDP group. A group inside one node uses the NVLink rate, one spanning nodes the network rate.
+    optimiser  Adam reads and writes params, grads and moments of this rank's partition: 28 bytes per
+               parameter held (fp32) / memory bandwidth.
+Two totals: no overlap (sum: what msmoe_dist does, its all-to-all is blocking and DeepSpeed's overlap_comm is
+off by default) and full overlap (communication hidden behind compute: max), the best any overlap could do.
+f is the imbalance: the slowest rank has f times the mean rows (dropless); capacity pads to E*C rows exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from msmoe_dist.plan.census import Census
+from msmoe_dist.plan.cluster import Cluster
+from msmoe_dist.plan.memory import Setting, activation_bytes, weight_bytes
+
+GROUPED_EXPERT_OPS = 40  # Experts._forward_grouped_mm: 13 calls forward, about twice that in backward
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimiser step, by part (one rank; every rank runs the same in a balanced run)."""
+
+    compute: float
+    memory_ops: float  # element-wise work, plus the eager per-operator overhead not hidden behind the math
+    all_to_all: float
+    grad_reduce: float
+    optimizer: float
+    micro_batches: int
+    flops_per_step: float  # counted model FLOPs of this rank's step (no recompute, balanced)
+
+    @property
+    def serial(self) -> float:
+        return self.compute + self.memory_ops + self.all_to_all + self.grad_reduce + self.optimizer
+
+    @property
+    def overlapped(self) -> float:
+        return max(self.compute + self.memory_ops, self.all_to_all + self.grad_reduce) + self.optimizer
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "serial": self.serial, "overlapped": self.overlapped}
+
+
+def ranks_on_node(group_size: int, stride: int, gpus_per_node: int) -> int:
+    """How many of a group's ranks share a node with any one of them (ranks r, r+stride, ...; nodes of
+    gpus_per_node consecutive ranks; groups of consecutive ranks have stride 1)."""
+    if stride >= gpus_per_node:
+        return 1
+    return min(group_size, gpus_per_node // stride)
+
+
+def _group_rate(cluster: Cluster, size: int, stride: int) -> float:
+    """Bus bandwidth (bytes/s) of a ring collective over the group: NVLink if it fits in one node."""
+    inside = ranks_on_node(size, stride, cluster.gpus_per_node) >= size
+    return 1e9 * (cluster.nvlink_allreduce_gbps if inside else cluster.net_allreduce_gbps)
+
+
+def a2a_seconds(nbytes: float, ep_size: int, cluster: Cluster) -> float:
+    """One all-to-all in which each rank sends nbytes spread evenly over its EP group."""
+    if ep_size == 1 or nbytes == 0:
+        return 0.0
+    g = ranks_on_node(ep_size, 1, cluster.gpus_per_node)
+    off_node = (ep_size - g) / ep_size
+    t_nvlink = nbytes * (1 - off_node) / (1e9 * cluster.nvlink_a2a_gbps)
+    t_net = nbytes * off_node / (1e9 * cluster.net_a2a_gbps)
+    return max(t_nvlink, t_net) + 1e-6 * cluster.collective_latency_us
+
+
+def plan_step(c: Census, s: Setting, cluster: Cluster, batch_size: int, grad_accum: int) -> StepTime:
+    m = batch_size // s.micro_batch * grad_accum
+    f = s.imbalance if c.capacity_rows is None else 1.0
+    fl = c.flops
+    block_flops = fl["expert"] + fl["attention"] + fl["router"] + fl["block_other"]
+    recompute = 0.0
+    if s.checkpointing == "block":
+        recompute = block_flops / 3
+    elif s.checkpointing == "selective":
+        recompute = (fl["attention"] + fl["block_other"]) / 3
+    flops = c.total_flops + fl["expert"] * (f - 1) + recompute
+    compute = flops / (1e12 * cluster.sustained_tflops)
+    memory_ops = 4 * activation_bytes(c, "none", f) / (1e9 * cluster.mem_gbps)
+    ops = c.ops
+    if cluster.device == "cuda":  # the experts run as one grouped GEMM per layer: ~40 calls forward + backward
+        ops = c.ops - c.expert_ops + GROUPED_EXPERT_OPS * c.num_moe_layers
+    overhead = ops * (1.5 if s.checkpointing != "none" else 1.0) * 1e-6 * cluster.op_overhead_us
+    if cluster.device == "cpu":
+        memory_ops += overhead
+    else:
+        memory_ops += max(0.0, overhead - compute - memory_ops)
+    rows = c.capacity_rows if c.capacity_rows is not None else c.tokens * c.top_k * f
+    calls = 4 + (2 if s.checkpointing == "block" else 0)
+    a2a = c.num_moe_layers * calls * a2a_seconds(rows * c.d_model * c.act_bytes, s.ep_size, cluster)
+    w = weight_bytes(s)
+    grad = 0.0
+    for params, size, stride in ((c.dense_params, s.dp, 1), (c.expert_params_rank, s.edp, s.ep_size)):
+        if size > 1 and params:
+            grad += 2 * (size - 1) / size * params * w / _group_rate(cluster, size, stride)
+            grad += 2e-6 * cluster.collective_latency_us
+    held = c.dense_params / (s.dp if s.zero_stage else 1) + c.expert_params_rank / (s.edp if s.zero_stage else 1)
+    optimizer = 28 * held / (1e9 * cluster.mem_gbps)
+    return StepTime(
+        compute=m * compute,
+        memory_ops=m * memory_ops,
+        all_to_all=m * a2a,
+        grad_reduce=grad,
+        optimizer=optimizer,
+        micro_batches=m,
+        flops_per_step=m * c.total_flops,
+    )
