@@ -148,6 +148,15 @@ class MoEConfig:
         "router. Paper: 10% of training, so set it to train.max_steps / 10 (the default is 10% of the default "
         "train.max_steps); an absolute step, so the stage depends on the step alone and survives resumes; >= 0.",
     )
+    overlap_chunks: int = opt(
+        1,
+        "Expert parallelism (parallel.ep_size > 1): split each MoE layer's routed rows into this many chunks and "
+        "overlap one chunk's all-to-all with another's expert GEMMs, forward and backward (the same result to "
+        "float rounding). 1 = one blocking exchange each way. 2-4 is the useful range; at most 64 and at most the "
+        "rows a rank sends one peer on average (data.batch_size * data.seq_len * moe.top_k / parallel.ep_size "
+        "for a language model): a chunk holding no rows still costs a collective. Not part of the network: a "
+        "resume may change it.",
+    )
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from msmoe_dist.moe.dispatcher import Dispatcher, LocalDispatcher
+from msmoe_dist.moe.dispatcher import Dispatcher, ExpertCompute, LocalDispatcher
 from msmoe_dist.moe.experts import Experts
 from msmoe_dist.moe.router import Router
 from msmoe_dist.moe.stablemoe import StableMoERouter
@@ -119,9 +119,12 @@ class MoELayer(nn.Module):
         combine_routing = dataclasses.replace(routing, weights_TK=routing.weights_TK.to(x.dtype))
 
         capacity = self.dispatcher.capacity(self.capacity_factor, x_TD.shape[0], self.cfg.top_k, x_TD.device)
-        x_RD, tokens_per_expert, state = self.dispatcher.dispatch(x_in_TD, combine_routing, capacity)
-        y_RD = self._run_experts(x_RD, tokens_per_expert)
-        combined = self.dispatcher.combine(y_RD, state)
+        # The dispatcher runs the experts: with moe.overlap_chunks > 1 an expert-parallel one interleaves
+        # the all-to-alls with the expert GEMMs (moe/dispatcher.py, parallel/overlap.py).
+        experts = ExpertCompute(self._run_experts, tuple(self.experts.parameters()))
+        combined = self.dispatcher.exchange_and_compute(
+            x_in_TD, combine_routing, capacity, experts, self.cfg.overlap_chunks
+        )
         # Statistics describe this rank's tokens: under EP, the rows after they came home.
         stats = compute_stats(routing, combined.home, combined.home_rows_RD) if collect_stats else None
         return MoEOutput(out=combined.out_TD.to(x.dtype).view(x.shape), aux_loss=routing.aux_loss, stats=stats)

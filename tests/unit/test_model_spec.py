@@ -12,7 +12,8 @@ from msmoe_dist.config.fields import arch_keys, section_fields
 
 VISION_SHAPE_KEYS = ("image_size", "patch_size", "num_classes", "pooling", "moe_layout", "moe_every", "moe_last")
 VIT = ["model.kind=vit", "data.kind=synthetic_images", "vision.num_classes=10"]
-SAME_WEIGHTS = {"model.output_chunk_tokens", "model.output_layer"}  # the two exceptions, tested on their own
+# the exceptions, tested on their own (moe.overlap_chunks: tests/unit/test_overlap_plan.py)
+SAME_WEIGHTS = {"model.output_chunk_tokens", "model.output_layer", "moe.overlap_chunks"}
 
 
 def lm(*overrides: str):
