@@ -181,14 +181,6 @@ def _available_gib(device: str) -> float:
 
 
 def run_memory_bench(args: argparse.Namespace) -> dict:
-    if args.ep_size is not None:
-        from msmoe_dist.bench.memory_split import run_split
-
-        if args.ep_size < 1:
-            from msmoe_dist.config.errors import ConfigError
-
-            raise ConfigError(f"--ep-size: expected an integer >= 1, got {args.ep_size}", ["parallel.ep_size"])
-        return run_split(args)
     if args.overrides:
         raise SystemExit("msmoe-bench memory: key=value overrides need --ep-size (the parameter/activation split)")
     from msmoe_dist.bench.common import machine_info, now_iso
@@ -261,11 +253,6 @@ def run_memory_bench(args: argparse.Namespace) -> dict:
 
 
 def print_table(result: dict) -> None:
-    if result["benchmark"] == "memory_split":
-        from msmoe_dist.bench.memory_split import print_split_table
-
-        print_split_table(result)
-        return
     a = result["analytic"]
     print(f"memory benchmark, {result['date']}, {result['machine']}, device {result['device']}")
     print(

@@ -251,9 +251,12 @@ def _free_port() -> int:
 def run_split(args) -> dict:
     """Starts the ranks (child processes), collects their figures; rank 0's are also the top-level keys."""
     from msmoe_dist.bench.common import machine_info, now_iso
+    from msmoe_dist.config.errors import ConfigError
     from msmoe_dist.config.loader import load_config
 
     ep = args.ep_size
+    if ep < 1:
+        raise ConfigError(f"--ep-size: expected an integer >= 1, got {ep}", ["parallel.ep_size"])
     overrides = [*args.overrides, f"parallel.ep_size={ep}"]
     cfg = load_config(args.config, overrides)  # a bad config fails here, before any process starts
     if cfg.model.kind == "vit":
