@@ -8,7 +8,8 @@
 # Checks: (a) grouped experts == per-expert loop (fp32, bf16); (b) MoE layer vs its floor, bf16, 16k
 # tokens; (c) WikiText-103 medium step per output layer: tokens/s, MFU, peak memory; (d) DeepSpeed
 # NCCL ZeRO-2 bf16 and fp16: checkpoint at 10, resume reproduces 11-20, fp16 overflow step skipped;
-# (e) native engine bf16; (f) V-MoE ViT-S/32 images/s; with >= 2 GPUs (d) at EP 2 under torchrun.
+# (e) native engine bf16; (f) V-MoE ViT-S/32 images/s; with >= 2 GPUs (d) and (b) at EP 2 under torchrun
+# ((b) at EP 2: blocking all-to-all vs moe.overlap_chunks=2).
 # Each check runs in its own process with a time limit; the one-GPU checks all within --budget-s
 # (450 s); the EP-2 check has its own limit on top.
 # Exit status: 0 all passed, 1 a check failed, 2 no CUDA device (one line says so).

@@ -403,7 +403,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     from msmoe_dist.bench.cli import build_parser
 
     one_line_errors(build_parser()).parse_args(argv)  # a bad command line: one line, before any work
-    return _bench(argv)
+    try:
+        return _bench(argv)
+    except _user_errors() as exc:  # e.g. a bad config given to `memory --ep-size`: one line, exit 2
+        return _fail("msmoe-bench", exc)
 
 
 def build_plot_parser() -> argparse.ArgumentParser:

@@ -130,7 +130,11 @@ def bench_main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_calibrate(args)))
         return 0
     if args.command == "memory":
-        from msmoe_dist.bench.memory import print_table, run_memory_bench
+        if args.ep_size is not None:  # the parameter/gradient/optimiser/activation split (bench/memory_split.py)
+            from msmoe_dist.bench.memory_split import print_split_table as print_table
+            from msmoe_dist.bench.memory_split import run_split as run_memory_bench
+        else:
+            from msmoe_dist.bench.memory import print_table, run_memory_bench
 
         result = run_memory_bench(args)
         if args.json:

@@ -1,4 +1,5 @@
-"""The comparison layer of `msmoe-bench layer`: DeepSpeed's own MoE layer at the benchmark's shapes.
+"""The comparison layers of `msmoe-bench layer`: DeepSpeed's own MoE layer at the benchmark's shapes, and
+fairscale's MOELayer when the optional ``[bench]`` extra is installed.
 
 deepspeed.moe.layer.MoE with a top-2 GShard gate, capacity factor 1.25 with token dropping, min
 capacity 4, Linear-ReLU-Linear experts, no residual. It needs torch.distributed and DeepSpeed's comm
@@ -56,9 +57,33 @@ def deepspeed_settings(tokens: int, num_experts: int, top_k: int, ep_size: int) 
     }
 
 
-def fairscale_note() -> str:
+def fairscale_capacity(tokens: int, num_experts: int) -> int:
+    """Rows per (rank, expert) slot of fairscale's Top2Gate: 2 * tokens // experts (capacity factor 1, no minimum)."""
+    return 2 * tokens // num_experts
+
+
+def build_fairscale_moe(d_model: int, ffn: int, num_experts: int, top_k: int, ep_size: int, group, device):
+    """fairscale's MOELayer (GShard's einsum dispatch) with its Top2Gate and this rank's ``num_experts / ep_size``
+    Linear-ReLU-Linear experts, exchanging over ``group`` (None: the world). Needs the optional ``[bench]`` extra."""
+    from fairscale.nn import MOELayer, Top2Gate
+
+    if top_k != 2:
+        raise ValueError(f"fairscale's Top2Gate routes every token to 2 experts, not top_k={top_k}")
+    local = nn.ModuleList(
+        [
+            nn.Sequential(nn.Linear(d_model, ffn), nn.ReLU(), nn.Linear(ffn, d_model))
+            for _ in range(num_experts // ep_size)
+        ]
+    )
+    return MOELayer(Top2Gate(d_model, num_experts), local, group).to(device).train()
+
+
+def fairscale_note() -> str | None:
+    """Why fairscale's MOELayer cannot be measured here, or None when it can."""
     try:
-        import fairscale  # noqa: F401
+        import fairscale.nn  # noqa: F401
     except ImportError:
-        return "not installed"
-    return "installed, not measured"
+        return "not installed (pip install 'msmoe_dist[bench]' or pip install fairscale --no-deps)"
+    except Exception as exc:  # an import that breaks on this torch says so
+        return "unusable: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    return None

@@ -20,6 +20,8 @@ take the others down), in this order:
   e         the native engine with train.dtype=bf16 through the trainer (finite, falling loss)
   f         V-MoE ViT-S/32 training-step images/s of each momentum variant (msmoe-bench vit)
   d_ep2     d_bf16 at expert parallelism 2 under torchrun (2 ranks; only with >= 2 GPUs)
+  b_ep2     (b) at expert parallelism 2 under torchrun (2 ranks, NCCL; only with >= 2 GPUs): the blocking
+            all-to-all vs moe.overlap_chunks=2 in one run, and each one's host time blocked in its collectives
 
 After every check its result is written into the JSON file (--out, default gpu_check.json), so a
 later failure or a kill keeps what was measured; a table is printed at the end. Exit status 0 when
@@ -228,7 +230,9 @@ def check_layer(ctx: Ctx) -> dict:
         shape = {"tokens": 256, "d_model": 32, "ffn": 64, "experts": 4, "top_k": 2, "repeats": 2, "warmup": 1}
     else:
         shape = {"tokens": 16384, "d_model": 1024, "ffn": 4096, "experts": 16, "top_k": 2, "repeats": 10, "warmup": 3}
-    args = argparse.Namespace(**shape, dtype="bf16", device=ctx.device, deepspeed=False, json=True)
+    args = argparse.Namespace(
+        **shape, dtype="bf16", device=ctx.device, deepspeed=False, fairscale=False, overlap_chunks=1, json=True
+    )
     res = run_layer_bench(args, torch.device(ctx.device), None)
     goal = 1.2
     keep = ("ours_ms", "floor_ms", "floor_bmm_ms", "floor_loop_ms", "experts_only_ms", "ratio", "shapes")
@@ -238,6 +242,36 @@ def check_layer(ctx: Ctx) -> dict:
         "goal_ratio": goal,
         "goal_met": res["ratio"] <= goal,
         "timing": "CUDA events" if ctx.device == "cuda" else "time.perf_counter",
+    }
+
+
+def check_layer_ep2(ctx: Ctx) -> dict:
+    """(b) at expert parallelism 2 (torchrun, one GPU per rank, NCCL): the blocking exchange vs
+    moe.overlap_chunks=2 (all-to-all pipelined with the expert GEMMs), in one run at the same inputs."""
+    from msmoe_dist.bench.layer import run_layer_bench
+    from msmoe_dist.config.schema import ParallelConfig
+    from msmoe_dist.parallel import ParallelLayout, build_process_groups
+    from msmoe_dist.parallel.runtime import Runtime
+
+    runtime = Runtime.from_env(ctx.device)
+    runtime.start_distributed(ParallelConfig(ep_size=2, backend=ctx.backend, timeout_s=120.0))
+    pg = build_process_groups(ParallelLayout(runtime.world_size, runtime.world_size), runtime.rank, 120.0)
+    if ctx.small:
+        shape = {"tokens": 256, "d_model": 32, "ffn": 64, "experts": 4, "top_k": 2, "repeats": 2, "warmup": 1}
+    else:
+        shape = {"tokens": 16384, "d_model": 1024, "ffn": 4096, "experts": 16, "top_k": 2, "repeats": 10, "warmup": 3}
+    args = argparse.Namespace(
+        **shape, dtype="bf16", device=ctx.device, deepspeed=False, fairscale=False, overlap_chunks=2, json=True
+    )
+    res = run_layer_bench(args, runtime.device, pg)
+    keep = ("ours_ms", "ours_overlap_ms", "speedup_overlap_vs_blocking", "floor_ms", "experts_only_ms", "ratio")
+    return {
+        "status": "measured",
+        **{k: res[k] for k in keep},
+        "overlap_ratio": res["overlap_ratio"],
+        "comm_blocked_ms_per_step_rank0": res["comm_blocked_ms_per_step_rank0"],
+        "shapes": res["shapes"],
+        "timing": "CUDA events, max over ranks" if ctx.device == "cuda" else "time.perf_counter, max over ranks",
     }
 
 
@@ -611,6 +645,7 @@ CHECKS: tuple[Check, ...] = (
     Check("e", "native engine, train.dtype=bf16", 90, check_native_bf16),
     Check("f", "V-MoE ViT-S/32 images/s (bf16)", 150, check_vit),
     Check("d_ep2", "d_bf16 at EP 2 under torchrun (>= 2 GPUs)", 240, check_deepspeed("bf16", 2), 2, DETERMINISTIC_ENV),
+    Check("b_ep2", "MoE layer at EP 2: blocking vs overlap_chunks=2 (>= 2 GPUs)", 180, check_layer_ep2, 2),
 )
 BY_NAME = {c.name: c for c in CHECKS}
 

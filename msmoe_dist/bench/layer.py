@@ -14,6 +14,13 @@ one process P = 1 and L = E). The cases, timed in turn within each round at the 
                 routing and dispatch (and, with P > 1, the all-to-alls) cost
   deepspeed     (``--deepspeed``, the default) DeepSpeed's own MoE layer, bench/deepspeed_moe.py,
                 at ep_size = P in the process group the CLI started
+  ours_overlap  (P > 1, ``--overlap-chunks`` N > 1, default 2) ours with moe.overlap_chunks = N: the
+                all-to-alls pipelined with the expert GEMMs (parallel/overlap.py), same weights and inputs
+  fairscale     (``--fairscale``, when the optional [bench] extra is installed) fairscale's MOELayer with
+                its Top2Gate (capacity 2T/E per expert slot, overflow dropped) and L local experts
+
+With P > 1 the result also has, for rank 0, the host milliseconds per step spent inside or waiting for each
+MoE collective (CommStats), blocking vs overlapped: the communication the overlap is meant to hide.
 
 Timing is bench/common.timed_rounds: rotating order; with P > 1 a barrier before every call and
 the maximum over ranks per (round, case). Figures are medians over rounds.
@@ -25,6 +32,7 @@ L = E/P local experts, C = T*K*P/E floor rows per local expert.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from contextlib import nullcontext
 
@@ -34,13 +42,15 @@ import torch.distributed as dist
 from msmoe_dist.bench.common import header, machine_info, timed_rounds
 from msmoe_dist.bench.deepspeed_moe import (
     build_deepspeed_moe,
+    build_fairscale_moe,
     deepspeed_capacity,
     deepspeed_settings,
+    fairscale_capacity,
     fairscale_note,
 )
 from msmoe_dist.config.schema import MoEConfig
 from msmoe_dist.moe import ACTIVATIONS, MoELayer
-from msmoe_dist.parallel import AllToAllDispatcher, ProcessGroups
+from msmoe_dist.parallel import AllToAllDispatcher, CommStats, ProcessGroups
 from msmoe_dist.parallel import comm as collective
 
 DEFAULT_REPEATS = 15  # one process
@@ -68,6 +78,19 @@ def add_layer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time DeepSpeed-MoE (deepspeed.moe.layer.MoE) at the same shapes",
+    )
+    parser.add_argument(
+        "--overlap-chunks",
+        type=int,
+        default=2,
+        help="expert parallel only: also time `ours_overlap`, the same layer with moe.overlap_chunks=N (the "
+        "all-to-all pipelined with the expert GEMMs); 1 = skip it (default 2)",
+    )
+    parser.add_argument(
+        "--fairscale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time fairscale's MOELayer (Top2Gate, top-2 only) when the optional [bench] extra is installed",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -126,7 +149,8 @@ def run_layer_bench(args, device: torch.device | None = None, pg: ProcessGroups 
     # Dense (router) weights are the same on every rank, as in training; inputs differ per rank.
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=E, top_k=K, expert_ffn_dim=F, capacity_factor=0.0, expert_impl="grouped")
-    dispatcher = AllToAllDispatcher(E, pg.ep, P, pg.ep_rank) if pg is not None else None
+    comm = {"ours": CommStats(), "ours_overlap": CommStats()}  # host time blocked in the collectives
+    dispatcher = AllToAllDispatcher(E, pg.ep, P, pg.ep_rank, comm["ours"]) if pg is not None else None
     layer = MoELayer(D, cfg, dispatcher=dispatcher).to(device)
     ex = layer.experts
     gen = torch.Generator(device="cpu").manual_seed(0 if pg is None else 1000 + rank)
@@ -145,6 +169,42 @@ def run_layer_bench(args, device: torch.device | None = None, pg: ProcessGroups 
 
     cases = {"ours": ours, **floor_cases(ex, ACTIVATIONS[cfg.activation], x_LCD, g_LCD), "experts_only": experts_only}
     cleared = list(layer.parameters()) + [x_TD, x_LCD, x_RD]
+    chunks = args.overlap_chunks
+    if pg is not None and chunks > 1:
+        # The same weights and inputs; only the exchange differs (pipelined in `chunks` pieces).
+        overlapped = MoELayer(
+            D,
+            dataclasses.replace(cfg, overlap_chunks=chunks),
+            dispatcher=AllToAllDispatcher(E, pg.ep, P, pg.ep_rank, comm["ours_overlap"]),
+        ).to(device)
+        overlapped.load_state_dict(layer.state_dict())
+        cleared += list(overlapped.parameters())
+
+        def ours_overlap():
+            overlapped(x_TD).out.backward(g_TD)
+
+        cases["ours_overlap"] = ours_overlap
+
+    fs_note = fairscale_note() if args.fairscale else "skipped (--no-fairscale)"
+    if fs_note is None and not dist.is_initialized():
+        fs_note = "skipped: torch.distributed is not started (msmoe-bench layer starts it)"
+    if fs_note is None:
+        torch.manual_seed(0)
+        try:
+            fs = build_fairscale_moe(D, F, E, K, P, pg.ep if pg is not None else None, device)
+            if T % (E // P):
+                raise ValueError(f"fairscale's MOELayer needs tokens={T} divisible by the local experts {E // P}")
+        except Exception as exc:  # an optional comparison; say why it is missing (same on every rank)
+            fs_note = "skipped: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        else:
+            x_fs = x_TD.detach().view(E // P, T // (E // P), D).clone().requires_grad_()
+            g_fs = g_TD.view(x_fs.shape)
+            cleared += list(fs.parameters()) + [x_fs]
+
+            def fairscale_case():
+                fs(x_fs).backward(g_fs)
+
+            cases["fairscale"] = fairscale_case
 
     ds_note = None
     if not args.deepspeed:
@@ -175,6 +235,8 @@ def run_layer_bench(args, device: torch.device | None = None, pg: ProcessGroups 
             t.grad = None
 
     own: dict[str, list[float]] = {}
+    for c in comm.values():
+        c.reset()
     with autocast:
         times = timed_rounds(
             cases, repeats, args.warmup, device, group=pg.dp if pg is not None else None, reset=clear_grads, own=own
@@ -204,7 +266,26 @@ def run_layer_bench(args, device: torch.device | None = None, pg: ProcessGroups 
         "ratio": round(med["ours"] / floor, 4),
         "experts_only_ms": round(med["experts_only"], 3),
     }
+    if "ours_overlap" in med:
+        result.update(
+            {
+                "overlap_chunks": chunks,
+                "ours_overlap_ms": round(med["ours_overlap"], 3),
+                "overlap_ratio": round(med["ours_overlap"] / floor, 4),
+                "speedup_overlap_vs_blocking": round(med["ours"] / med["ours_overlap"], 4),
+            }
+        )
     if pg is not None:
+        # Where the time goes: per step, the host time this rank spent inside (blocking) or waiting for
+        # (overlapped) the MoE collectives, by name; the rest of `ours` is the experts (experts_only) and
+        # the local routing/permutation work.
+        calls = args.warmup + repeats
+        blocked = {
+            case: {name: round(t.seconds * 1e3 / calls, 3) for name, t in c.by_name.items()}
+            for case, c in comm.items()
+            if case in cases
+        }
+        result["comm_blocked_ms_per_step_rank0"] = blocked if rank == 0 else None
         per_rank = _per_rank([statistics.median(own[n]) for n in cases], device)  # [rank][case]
         result.update(
             {
@@ -230,5 +311,20 @@ def run_layer_bench(args, device: torch.device | None = None, pg: ProcessGroups 
         )
     else:
         result["deepspeed"] = ds_note
-    result["fairscale"] = fairscale_note()
+    if "fairscale" in med:
+        result.update(
+            {
+                "fairscale_ms": round(med["fairscale"], 3),
+                "fairscale_ratio": round(med["fairscale"] / floor, 4),
+                "speedup_vs_fairscale": round(med["fairscale"] / med["ours"], 4),
+                "fairscale_settings": {
+                    "gate": "Top2Gate (GShard: Gumbel-sampled second expert)",
+                    "capacity_rows_per_expert_slot": fairscale_capacity(T, E),
+                    "drop_tokens": True,
+                    "dispatch": "einsum with dense [tokens, experts, capacity] masks",
+                },
+            }
+        )
+    else:
+        result["fairscale"] = fs_note
     return result

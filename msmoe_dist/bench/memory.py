@@ -18,6 +18,9 @@ or high-water mark. What the child measures:
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus what was
   allocated before the step (the caching allocator's reserve is not counted).
 
+With ``--ep-size N`` the command does something else: the parameter/gradient/optimiser/activation split
+of one rank for any config at expert-parallel degree N (bench/memory_split.py documents it and its keys).
+
 A variant whose logits alone would not fit (``--max-gib``, default 80% of the memory available
 now) is not run; its analytic logits size is printed instead, and marked as such.
 """
@@ -53,6 +56,15 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
         "exceed this (default: 80%% of MemAvailable, or of the GPU's memory)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--ep-size",
+        type=int,
+        default=None,
+        help="the other mode (bench/memory_split.py): for --config and key=value overrides at this expert-parallel "
+        "degree (that many gloo processes), rank memory of the model build and of one training step, split into "
+        "parameters (dense/expert), gradients, optimiser state and activations",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --ep-size)")
 
 
 def _overrides(spec: dict) -> list[str]:
@@ -169,6 +181,8 @@ def _available_gib(device: str) -> float:
 
 
 def run_memory_bench(args: argparse.Namespace) -> dict:
+    if args.overrides:
+        raise SystemExit("msmoe-bench memory: key=value overrides need --ep-size (the parameter/activation split)")
     from msmoe_dist.bench.common import machine_info, now_iso
     from msmoe_dist.config.loader import load_config
 

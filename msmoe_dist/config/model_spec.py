@@ -22,6 +22,10 @@ from msmoe_dist.config.schema import Config, ModelConfig, MoEConfig, MomentumCon
 _SAME_WEIGHTS_OUTPUT_LAYERS = ("full", "chunked")
 
 
+# moe keys that change how the layer is computed, not the network or its results (beyond float rounding).
+_EXECUTION_ONLY_MOE_KEYS = ("overlap_chunks",)
+
+
 def _weights_still_fit(key: str, saved: Any, now: Any) -> bool:
     """True for a model key whose change keeps the saved weights valid."""
     if key == "output_chunk_tokens":  # how many tokens' logits exist at once: memory, not the network
@@ -59,9 +63,10 @@ class ModelSpec:
         """What differs from ``saved_config``, the whole config dict a checkpoint stores, one string per key.
 
         Each string reads ``moe.num_experts=8 (checkpoint: 4)`` (this spec's value first).  Every key of
-        the saved model/moe/momentum sections must match, except ``model.output_chunk_tokens`` and
-        ``model.output_layer`` moving between full and chunked.  A key the checkpoint does not have
-        (one added to the schema since) is not compared.  Vision keys count only for a ViT.
+        the saved model/moe/momentum sections must match, except ``model.output_chunk_tokens``,
+        ``moe.overlap_chunks`` (how the exchange runs) and ``model.output_layer`` moving between full and
+        chunked.  A key the checkpoint does not have (one added to the schema since) is not compared.
+        Vision keys count only for a ViT.
         """
         found: list[str] = []
         now = self.as_dict()
@@ -73,6 +78,8 @@ class ModelSpec:
             for key, saved_value in saved.items():
                 value = now[section].get(key)
                 if section == "model" and _weights_still_fit(key, saved_value, value):
+                    continue
+                if section == "moe" and key in _EXECUTION_ONLY_MOE_KEYS:
                     continue
                 if value != saved_value:
                     found.append(f"{section}.{key}={value!r} (checkpoint: {saved_value!r})")

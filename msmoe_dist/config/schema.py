@@ -210,6 +210,15 @@ class MoEConfig:
         "raw residual stream, as the StableMoE reference does (the experts still see the normalised input).",
         ("normed", "residual"),
     )
+    overlap_chunks: int = opt(
+        1,
+        "Expert parallelism (parallel.ep_size > 1): split each MoE layer's routed rows into this many chunks and "
+        "overlap one chunk's all-to-all with another's expert GEMMs, forward and backward (the same result to "
+        "float rounding). 1 = one blocking exchange each way. 2-4 is the useful range; at most 64 and at most the "
+        "rows a rank sends one peer on average (data.batch_size * data.seq_len * moe.top_k / parallel.ep_size "
+        "for a language model): a chunk holding no rows still costs a collective. Not part of the network: a "
+        "resume may change it.",
+    )
 
 
 @dataclass

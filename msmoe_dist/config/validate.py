@@ -35,6 +35,37 @@ def _moe_layers_of(cfg: Config) -> tuple[int, list[str]]:
     return len(lm_moe_blocks(m.num_layers, m.layout)), ["model.num_layers", "model.layout"]
 
 
+MAX_OVERLAP_CHUNKS = 64  # each chunk is two all-to-alls more per layer and step; far past any gain
+
+
+def _check_overlap_chunks(cfg: Config, fail: Any) -> None:
+    """moe.overlap_chunks: an integer in [1, 64]; for a language model at most the rows a rank sends one EP peer
+    on average per micro-batch (more chunks would be empty on average, each still a collective); > 1 with
+    parallel.ep_size=1 has no all-to-all to overlap, so it is accepted with a warning (a file shared by runs at
+    several EP degrees)."""
+    n, ep = cfg.moe.overlap_chunks, cfg.parallel.ep_size
+    if type(n) is not int or not 1 <= n <= MAX_OVERLAP_CHUNKS:
+        fail("moe.overlap_chunks", f"expected an integer in [1, {MAX_OVERLAP_CHUNKS}] (1 = no overlap), got {show(n)}")
+    if n == 1:
+        return
+    if ep == 1:
+        warnings.warn(
+            f"moe.overlap_chunks={n} has no effect with parallel.ep_size=1: without expert parallelism there is "
+            "no all-to-all to overlap with the expert computation",
+            stacklevel=3,
+        )
+        return
+    if cfg.model.kind == "vit":
+        return
+    rows = cfg.data.batch_size * cfg.data.seq_len * cfg.moe.top_k // ep
+    if n > rows:
+        fail(
+            ["moe.overlap_chunks", "data.batch_size", "data.seq_len", "moe.top_k", "parallel.ep_size"],
+            f"moe.overlap_chunks={n} is more chunks than the {rows} rows a rank sends each EP peer on average "
+            "(batch_size * seq_len * top_k / ep_size): most chunks would be empty and still cost a collective",
+        )
+
+
 LM_DATA = ("synthetic", "text", "prepared")
 IMAGE_DATA = ("synthetic_images", "imagenet")
 
@@ -371,6 +402,7 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
             ["moe.num_experts", "parallel.ep_size"],
             f"moe.num_experts={experts} must be divisible by parallel.ep_size={get('parallel.ep_size')}",
         )
+    _check_overlap_chunks(cfg, fail)
     if get("parallel.zero_stage") not in (0, 1, 2):
         detail = f"expected 0, 1 or 2, got {show(get('parallel.zero_stage'))}"
         if get("parallel.zero_stage") == 3:

@@ -4,6 +4,7 @@ from msmoe_dist.moe.dispatcher import (  # noqa: F401
     Combined,
     Dispatcher,
     DispatchState,
+    ExpertCompute,
     LocalDispatcher,
     capacity_keep,
     expert_capacity,

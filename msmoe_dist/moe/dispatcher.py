@@ -7,8 +7,11 @@ then by token: exactly the capacity priority), R routed (kept) rows, sorted by e
 The steps are separate pure functions - sort/count, capacity, permute, unpermute - so that
 the expert-parallel dispatcher can put its all-to-alls between them and reuse the rest.
 
-`Dispatcher` is the seam between the MoE layer and token movement. Its two implementations are
-`LocalDispatcher` (here: one process, the obviously correct reference) and the expert-parallel
+`Dispatcher` is the seam between the MoE layer and token movement. The layer hands the dispatcher its
+experts (`ExpertCompute`) and asks for the combined result (`exchange_and_compute`), so that a
+dispatcher may interleave moving rows with computing them (the all-to-all one pipelines chunks with
+``moe.overlap_chunks`` > 1); `run_blocking` is the plain sequence dispatch, experts, combine. Its two
+implementations are `LocalDispatcher` (here: one process, the obviously correct reference) and the expert-parallel
 `msmoe_dist.parallel.all_to_all.AllToAllDispatcher`, which parallelism swaps in after the model is
 built (`msmoe_dist.parallel.expert_parallel.apply_expert_parallel`).
 """
@@ -16,6 +19,7 @@ built (`msmoe_dist.parallel.expert_parallel.apply_expert_parallel`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -47,6 +51,16 @@ class Combined:
     home: DispatchState  # the local permutation of this rank's tokens
 
 
+@dataclass(frozen=True)
+class ExpertCompute:
+    """The experts as a dispatcher runs them: ``fn(x_RD, rows per local expert) -> y_RD`` on rows that are
+    contiguous per local expert, and the parameters ``fn`` reads (a dispatcher that runs the experts chunk
+    by chunk differentiates each chunk against them itself)."""
+
+    fn: Callable[[Tensor, Sequence[int]], Tensor]
+    params: tuple[Tensor, ...]
+
+
 StateT = TypeVar("StateT")
 
 
@@ -54,8 +68,9 @@ StateT = TypeVar("StateT")
 class Dispatcher(Protocol[StateT]):
     """Moves routed token rows to the experts that own them and back.
 
-    The layer calls, in this order: ``capacity`` (once per forward), ``dispatch``, its experts on the
-    rows, ``combine``. ``StateT`` is whatever dispatch must hand to combine (a frozen value).
+    The layer calls ``capacity`` (once per forward), then ``exchange_and_compute``, which moves the rows,
+    runs the experts and brings the rows home; the blocking form of that is ``dispatch``, the experts,
+    ``combine`` (`run_blocking`). ``StateT`` is whatever dispatch must hand to combine (a frozen value).
     """
 
     num_local_experts: int  # experts whose rows dispatch returns: the layer holds exactly these
@@ -73,6 +88,22 @@ class Dispatcher(Protocol[StateT]):
     def combine(self, y_RD: Tensor, state: StateT) -> Combined:
         """The experts' output rows (same layout as dispatch's x_RD) back to this rank's tokens."""
         ...
+
+    def exchange_and_compute(
+        self, x_TD: Tensor, routing: Routing, capacity: int | None, experts: ExpertCompute, overlap_chunks: int = 1
+    ) -> Combined:
+        """dispatch, ``experts.fn``, combine, in one call. ``overlap_chunks`` > 1 lets a dispatcher that
+        communicates overlap that with the experts' work (same result to float rounding); one that does
+        not communicate ignores it."""
+        ...
+
+
+def run_blocking(
+    dispatcher: Dispatcher, x_TD: Tensor, routing: Routing, capacity: int | None, experts: ExpertCompute
+) -> Combined:
+    """``exchange_and_compute`` without overlap: dispatch, the experts on the rows, combine."""
+    x_RD, tokens_per_expert, state = dispatcher.dispatch(x_TD, routing, capacity)
+    return dispatcher.combine(experts.fn(x_RD, tokens_per_expert), state)
 
 
 def sort_by_expert(experts_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -182,3 +213,9 @@ class LocalDispatcher:
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Combined:
         return Combined(unpermute(y_RD, state.token_R, state.weight_R, state.num_tokens), y_RD, state)
+
+    def exchange_and_compute(
+        self, x_TD: Tensor, routing: Routing, capacity: int | None, experts: ExpertCompute, overlap_chunks: int = 1
+    ) -> Combined:
+        """One process moves no rows over a network: nothing to overlap, so ``overlap_chunks`` is not used."""
+        return run_blocking(self, x_TD, routing, capacity, experts)

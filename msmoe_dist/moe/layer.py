@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msmoe_dist.moe.dispatcher import Dispatcher, LocalDispatcher
+from msmoe_dist.moe.dispatcher import Dispatcher, ExpertCompute, LocalDispatcher
 from msmoe_dist.moe.expert_dropout import experts_with_hidden_dropout
 from msmoe_dist.moe.experts import Experts
 from msmoe_dist.moe.router import Router
@@ -105,6 +105,24 @@ class MoELayer(nn.Module):
             return self.cfg.eval_capacity_factor
         return self.cfg.capacity_factor
 
+    def _experts_fn(self):
+        """The expert computation on dispatched rows, with the reference-exact dropouts when training:
+        inside each expert after its activation (moe.expert_dropout: a per-expert loop, no fused kernel
+        has it) and on each expert's output rows before the gates combine them (moe.expert_output_dropout)."""
+        hidden_p = getattr(self.cfg, "expert_dropout", 0.0)
+        out_p = getattr(self.cfg, "expert_output_dropout", 0.0)
+        if not self.training or (hidden_p == 0 and out_p == 0):
+            return self._run_experts
+
+        def run(x_RD, tokens_per_expert):
+            if hidden_p > 0:
+                y_RD = experts_with_hidden_dropout(self.experts, x_RD, tokens_per_expert, hidden_p)
+            else:
+                y_RD = self._run_experts(x_RD, tokens_per_expert)
+            return F.dropout(y_RD, out_p, training=True) if out_p > 0 else y_RD
+
+        return run
+
     def forward(
         self,
         x: Tensor,
@@ -129,15 +147,12 @@ class MoELayer(nn.Module):
         combine_routing = dataclasses.replace(routing, weights_TK=routing.weights_TK.to(x.dtype))
 
         capacity = self.dispatcher.capacity(self.capacity_factor, x_TD.shape[0], self.cfg.top_k, x_TD.device)
-        x_RD, tokens_per_expert, state = self.dispatcher.dispatch(x_in_TD, combine_routing, capacity)
-        expert_dropout = getattr(self.cfg, "expert_dropout", 0.0)
-        if self.training and expert_dropout > 0:
-            y_RD = experts_with_hidden_dropout(self.experts, x_RD, tokens_per_expert, expert_dropout)
-        else:
-            y_RD = self._run_experts(x_RD, tokens_per_expert)
-        if self.training and getattr(self.cfg, "expert_output_dropout", 0.0) > 0:
-            y_RD = F.dropout(y_RD, self.cfg.expert_output_dropout, training=True)  # per expert row, before combine
-        combined = self.dispatcher.combine(y_RD, state)
+        # The dispatcher runs the experts: with moe.overlap_chunks > 1 an expert-parallel one interleaves
+        # the all-to-alls with the expert GEMMs (moe/dispatcher.py, parallel/overlap.py).
+        experts = ExpertCompute(self._experts_fn(), tuple(self.experts.parameters()))
+        combined = self.dispatcher.exchange_and_compute(
+            x_in_TD, combine_routing, capacity, experts, self.cfg.overlap_chunks
+        )
         # Statistics describe this rank's tokens: under EP, the rows after they came home.
         stats = compute_stats(routing, combined.home, combined.home_rows_RD) if collect_stats else None
         return MoEOutput(out=combined.out_TD.to(x.dtype).view(x.shape), aux_loss=routing.aux_loss, stats=stats)

@@ -16,6 +16,9 @@ Capacity mode pads every (source rank, expert) slot to exactly C rows, so both a
 fixed, equal splits and no counts need to be exchanged; padded rows are zeros and are dropped
 again on the way home. C itself is agreed first, by an all-reduce (max) over the EP group in `capacity`.
 
+With ``moe.overlap_chunks`` = n > 1, `exchange_and_compute` pipelines both exchanges with the experts in
+n chunks, forward and backward (parallel/overlap.py); n = 1 is the blocking sequence above.
+
 Every collective goes through `parallel.comm`: placed on the group's device, named (its failure says
 which) and, when the dispatcher was given a `CommStats`, measured under that name.
 
@@ -34,15 +37,18 @@ from torch import Tensor
 from msmoe_dist.moe.dispatcher import (
     Combined,
     DispatchState,
+    ExpertCompute,
     LocalDispatcher,
     expert_capacity,
     permute,
+    run_blocking,
     sort_by_expert,
     unpermute,
 )
 from msmoe_dist.moe.router import Routing
 from msmoe_dist.parallel import comm as collective
 from msmoe_dist.parallel.comm_stats import CommStats
+from msmoe_dist.parallel.overlap import pipelined_exchange, regroup_index
 
 # The collectives' names: in error messages and as CommStats keys.
 TOKENS_FORWARD = "all_to_all (MoE token exchange, forward)"
@@ -93,20 +99,22 @@ class AllToAllDispatcher:
         self._local = LocalDispatcher(num_experts)
 
     # ---- local work (no communication) ------------------------------------------------------
-    @staticmethod
-    def _regroup_index(counts_PL: Tensor, num_rows: int) -> Tensor:
-        """Index that reorders rows from (source rank, local expert) to (local expert, source rank).
+    # Index that reorders rows from (source rank, local expert) to (local expert, source rank).
+    _regroup_index = staticmethod(regroup_index)
 
-        On the counts' device, without a host loop: output row j lies in block b = (l, p) (l-major) and
-        is row j - out_start[b] of that block, which starts at recv_start[p, l] in the received order.
-        ``num_rows`` (the sum of the counts) is known on the host, so nothing here waits for the device."""
-        P, L = counts_PL.shape
-        flat = counts_PL.reshape(-1)
-        starts_LP = (torch.cumsum(flat, 0) - flat).view(P, L).t().reshape(-1)
-        counts_LP = counts_PL.t().reshape(-1)
-        out_starts_LP = torch.cumsum(counts_LP, 0) - counts_LP
-        block_R = torch.repeat_interleave(torch.arange(P * L, device=counts_PL.device), counts_LP, output_size=num_rows)
-        return starts_LP[block_R] + torch.arange(num_rows, device=counts_PL.device) - out_starts_LP[block_R]
+    def _pad(self, x_home_RD: Tensor, kept_E: list[int], capacity: int) -> tuple[Tensor, Tensor]:
+        """Capacity mode: the kept rows scattered into fixed C-row slots per expert ([E * C, D], zeros
+        elsewhere), and each row's slot."""
+        C, device = capacity, x_home_RD.device
+        counts_E = torch.tensor(kept_E, dtype=torch.long, device=device)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        # output_size: the row count is known on the host, so repeat_interleave need not sync to learn it.
+        expert_R = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=device), counts_E, output_size=x_home_RD.shape[0]
+        )
+        slot_R = expert_R * C + (torch.arange(expert_R.numel(), device=device) - starts_E[expert_R])
+        padded = x_home_RD.new_zeros(self.num_experts * C, x_home_RD.shape[1]).index_copy(0, slot_R, x_home_RD)
+        return padded, slot_R
 
     # ---- communication ----------------------------------------------------------------------
     def _exchange_counts(self, counts_E: Tensor) -> Tensor:
@@ -139,14 +147,7 @@ class AllToAllDispatcher:
         # Capacity mode: fixed C rows per (rank, expert); scatter the kept rows into the padded slots.
         x_home_RD, kept_E, home = self._local.dispatch(x_TD, routing, capacity)
         P, L, C = self.ep_size, self.num_local_experts, capacity
-        counts_E = torch.tensor(kept_E, dtype=torch.long, device=x_TD.device)
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        # output_size: the row count is known on the host, so repeat_interleave need not sync to learn it.
-        expert_R = torch.repeat_interleave(
-            torch.arange(self.num_experts, device=x_TD.device), counts_E, output_size=x_home_RD.shape[0]
-        )
-        slot_R = expert_R * C + (torch.arange(expert_R.numel(), device=x_TD.device) - starts_E[expert_R])
-        padded = x_home_RD.new_zeros(self.num_experts * C, x_home_RD.shape[1]).index_copy(0, slot_R, x_home_RD)
+        padded, slot_R = self._pad(x_home_RD, kept_E, C)
         split = [L * C] * P
         x_recv = self._send(padded, split, split)  # [P, L, C, D] flattened
         regroup = torch.arange(P * L * C, device=x_TD.device).view(P, L, C).transpose(0, 1).reshape(-1)
@@ -155,14 +156,26 @@ class AllToAllDispatcher:
 
     def _dispatch_dropless(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, list[int], EPDispatchState]:
         """LocalDispatcher's permutation (no drops), with the counts exchanged before any reaches the host."""
-        T, E, P = routing.experts_TK.shape[0], self.num_experts, self.ep_size
+        home, host, recv_PL = self._plan_dropless(routing)
+        P, E = self.ep_size, self.num_experts
+        host_PL = host[E:].view(P, self.num_local_experts)
+        send = host[:E].view(P, -1).sum(1).tolist()
+        recv = host_PL.sum(1).tolist()
+        x_recv = self._send(permute(x_TD, home.token_R), recv, send)
+        regroup = self._regroup_index(recv_PL, sum(recv))
+        state = EPDispatchState(home, send, recv, regroup, None)
+        return x_recv.index_select(0, regroup), host_PL.sum(0).tolist(), state
+
+    def _plan_dropless(self, routing: Routing) -> tuple[DispatchState, Tensor, Tensor]:
+        """(the home permutation; on the host: this rank's counts per expert, then recv_PL flattened;
+        recv_PL[p, l] on the data's device: rows rank p sends to local expert l)."""
+        T, E = routing.experts_TK.shape[0], self.num_experts
         assignment_A, _, counts_E = sort_by_expert(routing.experts_TK, E)
         recv_PL = self._exchange_counts(counts_E)
         # THE device-to-host sync of this layer: the all-to-all splits must be host integers. Our own
         # counts travel in the same copy, so the local sort costs no second sync.
         host = torch.cat([counts_E, recv_PL.reshape(-1)]).cpu()
         routed = tuple(host[:E].tolist())
-        host_PL = host[E:].view(P, self.num_local_experts)
         token_R = assignment_A % T
         home = DispatchState(
             token_R=token_R,
@@ -173,12 +186,7 @@ class AllToAllDispatcher:
             num_dropped=0,
             kept_TK=None,
         )
-        send = host[:E].view(P, -1).sum(1).tolist()
-        recv = host_PL.sum(1).tolist()
-        x_recv = self._send(permute(x_TD, token_R), recv, send)
-        regroup = self._regroup_index(recv_PL, sum(recv))
-        state = EPDispatchState(home, send, recv, regroup, None)
-        return x_recv.index_select(0, regroup), host_PL.sum(0).tolist(), state
+        return home, host, recv_PL
 
     def combine(self, y_RD: Tensor, state: EPDispatchState) -> Combined:
         """Sends every row back to its token's home rank, then the weighted unpermute there. The rows
@@ -190,3 +198,29 @@ class AllToAllDispatcher:
             y_back = y_back.index_select(0, state.pad_keep)
         h = state.home
         return Combined(unpermute(y_back, h.token_R, h.weight_R, h.num_tokens), y_back, h)
+
+    def exchange_and_compute(
+        self, x_TD: Tensor, routing: Routing, capacity: int | None, experts: ExpertCompute, overlap_chunks: int = 1
+    ) -> Combined:
+        """dispatch, experts, combine. ``overlap_chunks`` = 1: exactly that, blocking. n > 1: the exchange
+        pipelined with the experts in n chunks, forward and backward (parallel/overlap.py)."""
+        if type(overlap_chunks) is not int or overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be an integer >= 1, got {overlap_chunks!r}")
+        if overlap_chunks == 1:
+            return run_blocking(self, x_TD, routing, capacity, experts)
+        P, L = self.ep_size, self.num_local_experts
+        if capacity is None:
+            home, host, _ = self._plan_dropless(routing)
+            send_PL = host[: self.num_experts].view(P, L).tolist()
+            recv_PL = host[self.num_experts :].view(P, L).tolist()
+            y_buf = pipelined_exchange(
+                permute(x_TD, home.token_R), send_PL, recv_PL, overlap_chunks, experts, self.group, self.comm
+            )
+            y_back = y_buf
+        else:
+            x_home_RD, kept_E, home = self._local.dispatch(x_TD, routing, capacity)
+            padded, slot_R = self._pad(x_home_RD, kept_E, capacity)
+            full = [[capacity] * L for _ in range(P)]
+            y_buf = pipelined_exchange(padded, full, full, overlap_chunks, experts, self.group, self.comm)
+            y_back = y_buf.index_select(0, slot_R)
+        return Combined(unpermute(y_back, home.token_R, home.weight_R, home.num_tokens), y_back, home)

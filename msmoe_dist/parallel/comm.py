@@ -19,6 +19,7 @@ and records the device of every tensor it is handed (tests/distributed/test_simu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -35,11 +36,13 @@ __all__ = [
     "all_gather",
     "all_reduce",
     "all_to_all_single",
+    "all_to_all_single_async",
     "barrier",
     "broadcast",
     "comm_device",
     "current_backend",
     "named_collective",
+    "PendingCollective",
     "using_backend",
 ]
 
@@ -79,6 +82,18 @@ class CommBackend:
         self, out: Tensor, inp: Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group: Any
     ) -> None:
         dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+
+    def all_to_all_single_async(
+        self, out: Tensor, inp: Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group: Any
+    ) -> Any:
+        """Starts the all-to-all and returns its work handle (``wait()``), or None when it already finished.
+
+        A backend that overrides only the blocking `all_to_all_single` (a simulation) runs that one here,
+        so it sees every all-to-all; the result is then complete on return (nothing overlaps)."""
+        if type(self).all_to_all_single is not CommBackend.all_to_all_single:
+            self.all_to_all_single(out, inp, out_splits, in_splits, group)
+            return None
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
 
     def all_gather(self, outs: list[Tensor], t: Tensor, group: Any) -> None:
         dist.all_gather(outs, t, group=group)
@@ -171,6 +186,67 @@ def all_to_all_single(
     with _run(name, stats, _nbytes(inp)):
         b.all_to_all_single(out, inp, out_splits, in_splits, group)
     return b.from_comm(out, tensor.device)
+
+
+class PendingCollective:
+    """An all-to-all started by `all_to_all_single_async`; `wait()` returns its result on the caller's device.
+
+    It holds the buffers until then (the collective writes into them in the background). A failure,
+    at the start or in the wait, is a `CollectiveError` naming the collective. With a `CommStats`, the
+    bytes and one call are counted, and the seconds are the host time spent starting and waiting:
+    the time this rank was held up, not the transfer time (that overlaps with other work).
+    """
+
+    def __init__(
+        self,
+        work: Any,
+        inp: Tensor,
+        out: Tensor,
+        device: torch.device,
+        name: str,
+        stats: CommStats | None,
+        seconds: float,
+    ):
+        self._work: Any = work
+        self._inp: Tensor | None = inp
+        self._out, self._device = out, device
+        self._name, self._stats, self._seconds = name, stats, seconds
+        self._nbytes = _nbytes(inp)
+        self._result: Tensor | None = None
+
+    def wait(self) -> Tensor:
+        if self._result is None:
+            t0 = time.perf_counter()
+            with named_collective(self._name):
+                if self._work is not None:
+                    self._work.wait()
+            if self._stats is not None:
+                self._stats.add(self._name, self._seconds + time.perf_counter() - t0, self._nbytes)
+            self._result = _backend.from_comm(self._out, self._device)
+            self._work = self._inp = None
+        return self._result
+
+
+def all_to_all_single_async(
+    tensor: Tensor,
+    out_splits: list[int] | None = None,
+    in_splits: list[int] | None = None,
+    *,
+    group: Any = None,
+    name: str,
+    stats: CommStats | None = None,
+) -> PendingCollective:
+    """`all_to_all_single`, started and not waited for: returns a `PendingCollective` whose `wait()`
+    gives the rows received. Every rank must start (and wait for) its asynchronous collectives on a
+    group in the same order as its others; `tensor` must not change before the wait."""
+    b = _backend
+    inp = b.to_comm(tensor.contiguous(), b.device(group))
+    rows = sum(out_splits) if out_splits is not None else inp.shape[0]
+    out = inp.new_empty((rows,) + tuple(inp.shape[1:]))
+    t0 = time.perf_counter()
+    with named_collective(name):
+        work = b.all_to_all_single_async(out, inp, out_splits, in_splits, group)
+    return PendingCollective(work, inp, out, tensor.device, name, stats, time.perf_counter() - t0)
 
 
 def all_gather(tensor: Tensor, *, group: Any = None, name: str, stats: CommStats | None = None) -> list[Tensor]:

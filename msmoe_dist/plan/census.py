@@ -43,7 +43,15 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from msmoe_dist.config.schema import Config
 from msmoe_dist.moe import MoELayer, is_expert_param
-from msmoe_dist.moe.dispatcher import Combined, DispatchState, expert_capacity, permute, unpermute
+from msmoe_dist.moe.dispatcher import (
+    Combined,
+    DispatchState,
+    ExpertCompute,
+    expert_capacity,
+    permute,
+    run_blocking,
+    unpermute,
+)
 from msmoe_dist.moe.router import Routing
 from msmoe_dist.parallel.layout import ParallelLayout
 
@@ -131,6 +139,12 @@ class CensusDispatcher:
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Combined:
         return Combined(unpermute(y_RD, state.token_R, state.weight_R, state.num_tokens), y_RD, state)
+
+    def exchange_and_compute(
+        self, x_TD: Tensor, routing: Routing, capacity: int | None, experts: ExpertCompute, overlap_chunks: int = 1
+    ) -> Combined:
+        """Blocking: the census counts what is saved and computed, not when (overlap changes neither)."""
+        return run_blocking(self, x_TD, routing, capacity, experts)
 
 
 def census_rows_per_expert(cfg: Config, tokens: int, layout: ParallelLayout) -> list[int]:

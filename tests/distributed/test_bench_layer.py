@@ -68,7 +68,13 @@ def test_layer_bench_expert_parallel_under_torchrun():
     r = _one_json_line(res)
     assert r["world_size"] == r["ep_size"] == 2 and r["machine"]["backend"] == "gloo"
     assert r["shapes"]["local_experts"] == 2 and r["shapes"]["floor_rows_per_local_expert"] == 64
-    assert set(r["per_rank_median_ms"]) == {"ours", "floor_bmm", "floor_loop", "experts_only", "deepspeed"}
+    cases = {"ours", "floor_bmm", "floor_loop", "experts_only", "deepspeed", "ours_overlap"}
+    assert set(r["per_rank_median_ms"]) == cases | ({"fairscale"} if "fairscale_ms" in r else set())
+    # blocking vs overlapped (moe.overlap_chunks=2) in one run, and each one's time blocked in its collectives
+    assert r["overlap_chunks"] == 2 and r["ours_overlap_ms"] > 0
+    blocked = r["comm_blocked_ms_per_step_rank0"]
+    assert "all_to_all (MoE token exchange, forward)" in blocked["ours"]
+    assert "all_to_all (MoE token exchange, overlapped chunk, forward)" in blocked["ours_overlap"]
     assert all(len(v) == 2 for v in r["per_rank_median_ms"].values())
     # the figure is the max over ranks per round, so its median is at least every rank's own median
     assert r["ours_ms"] >= max(r["per_rank_median_ms"]["ours"]) - 1e-3

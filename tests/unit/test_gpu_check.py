@@ -90,7 +90,13 @@ def test_every_result_is_written_even_after_a_failure(tmp_path, monkeypatch, cap
     rc = gc.run_gpu_check(_args(tmp_path, only="a,b,e"))
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rc == 1 and report["passed"] is False
-    assert {n: r["status"] for n, r in report["checks"].items()} == {"a": "pass", "b": "error", "e": "pass"}
+    # "b" selects item (b) at one GPU and at EP 2 (b_ep2)
+    assert {n: r["status"] for n, r in report["checks"].items()} == {
+        "a": "pass",
+        "b": "error",
+        "e": "pass",
+        "b_ep2": "pass",
+    }
     out = capsys.readouterr().out
     assert "FAILED: b" in out and "boom" in out
 
@@ -99,7 +105,9 @@ def test_budget_skips_the_rest(tmp_path, monkeypatch):
     monkeypatch.setattr(gc, "run_one", lambda *a: {"status": "pass"})
     rc = gc.run_gpu_check(_args(tmp_path, only="a,b", budget_s=5.0))
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert rc == 0 and all(r["status"] == "skipped" for r in report["checks"].values())
+    one_gpu = {n: r["status"] for n, r in report["checks"].items() if gc.BY_NAME[n].ranks == 1}
+    assert rc == 0 and one_gpu == {"a": "skipped", "b": "skipped"}
+    assert report["checks"]["b_ep2"]["status"] == "pass"  # the multi-GPU check has its own limit, not the budget
 
 
 def test_a_check_past_its_limit_is_killed_and_reported(tmp_path):

@@ -21,7 +21,8 @@ VISION_SHAPE_KEYS = (
     "pre_logits",
 )
 VIT = ["model.kind=vit", "data.kind=synthetic_images", "vision.num_classes=10"]
-SAME_WEIGHTS = {"model.output_chunk_tokens", "model.output_layer"}  # the two exceptions, tested on their own
+# the exceptions, tested on their own (moe.overlap_chunks: tests/unit/test_overlap_plan.py)
+SAME_WEIGHTS = {"model.output_chunk_tokens", "model.output_layer", "moe.overlap_chunks"}
 
 
 def lm(*overrides: str):

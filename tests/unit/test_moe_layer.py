@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from msmoe_dist.config.schema import MoEConfig
 from msmoe_dist.moe import Combined, Dispatcher, LocalDispatcher, MoELayer, Routing, compute_stats, expert_capacity
+from msmoe_dist.moe.dispatcher import run_blocking
 
 
 def hand_routing(experts, weights, E) -> Routing:
@@ -123,6 +124,9 @@ class SpyDispatcher:
         self.calls.append(("combine",))
         c = self._local.combine(y_RD, state)
         return Combined(c.out_TD, c.home_rows_RD, c.home)
+
+    def exchange_and_compute(self, x_TD, routing, capacity, experts, overlap_chunks=1):
+        return run_blocking(self, x_TD, routing, capacity, experts)
 
 
 def test_layer_takes_the_capacity_from_its_dispatcher():
