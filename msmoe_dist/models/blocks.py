@@ -46,7 +46,12 @@ class Block(nn.Module):
         vocab_size: int | None = None,
         causal: bool = True,
         dense_activation: str = "relu",
+        *,
+        expert_seed: int | None = None,
+        expert_ids: range | None = None,
     ):
+        """expert_seed: the model's base seed of the experts' initial values; expert_ids: the global experts
+        this process holds (None: all of them). See msmoe_dist.moe.experts.expert_seed."""
         super().__init__()
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
@@ -58,7 +63,15 @@ class Block(nn.Module):
         if moe_layer_index is None:
             self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout, dense_activation)
         else:
-            self.moe = MoELayer(d, moe_cfg, init_std=mcfg.init_std, vocab_size=vocab_size)
+            self.moe = MoELayer(
+                d,
+                moe_cfg,
+                init_std=mcfg.init_std,
+                vocab_size=vocab_size,
+                init_seed=expert_seed,
+                moe_layer=moe_layer_index,
+                expert_ids=expert_ids,
+            )
             if not self.pre_ln:
                 self.moe_norm = nn.LayerNorm(d)  # the reference's inner LayerNorm
 
