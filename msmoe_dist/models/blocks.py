@@ -9,12 +9,24 @@ Two block styles:
 d(u) is the momentum family's residual increment (msmoe_dist.momentum). Dense blocks (GLaM
 layout) pass the momentum state through unchanged.
 
+Activation checkpointing (`checkpointing`, set by MoEModel.set_activation_checkpointing): in training
+with gradients on, `block` recomputes the whole block in the backward pass from its inputs (the hidden
+state and the momentum state's tensors); `selective` recomputes the attention sublayer and the dense
+FFN sublayer (with their norms, dropout and residual) and keeps the MoE layer's activations, so the
+backward never repeats a dispatch. torch.utils.checkpoint (non-reentrant) restores the RNG state, so
+the recomputed dropout masks (and noisy-gating noise) are the ones of the forward pass. Nothing the
+forward writes to a module is changed by a recompute: the momentum state is a new value per layer, the
+statistics are returned (the recomputed ones are dropped), and StableMoE's frozen table is filled
+once from parameters that do not change before the backward.
+
 Legend: B batch, S sequence, D model dim.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from msmoe_dist.config.schema import ModelConfig, MoEConfig
 from msmoe_dist.models.attention import SelfAttention
@@ -34,9 +46,14 @@ class DenseFFN(nn.Module):
         return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
+CHECKPOINT_MODES = ("none", "block", "selective")
+
+
 class Block(nn.Module):
     """moe_layer_index: this block's position among the model's MoE layers (the momentum rule's layer
     index), or None for a dense block."""
+
+    checkpointing: str = "none"  # none | block | selective (see the module doc)
 
     def __init__(
         self,
@@ -79,6 +96,9 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return self.moe_layer_index is not None
 
+    def _recomputing(self, mode: str) -> bool:
+        return self.checkpointing == mode and self.training and torch.is_grad_enabled()
+
     def forward(
         self,
         x: Tensor,
@@ -88,14 +108,36 @@ class Block(nn.Module):
         token_ids: Tensor | None = None,
     ):
         """Returns (x, state, aux_loss or None, stats dict or None). token_ids [B, S]: for routers that use them."""
+        if self._recomputing("block"):
+            return checkpoint(self._forward, x, state, momentum, collect_stats, token_ids, use_reentrant=False)
+        return self._forward(x, state, momentum, collect_stats, token_ids)
+
+    def _attention(self, x: Tensor) -> Tensor:
         if self.pre_ln:
-            x = x + self.drop(self.attn(self.norm1(x)))
-        else:
-            x = self.norm1(x + self.drop(self.attn(x)))
+            return x + self.drop(self.attn(self.norm1(x)))
+        return self.norm1(x + self.drop(self.attn(x)))
+
+    def _dense(self, x: Tensor) -> Tensor:
+        if self.pre_ln:
+            return x + self.drop(self.ffn(self.norm2(x)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+    def _sublayer(self, fn, x: Tensor) -> Tensor:
+        if self._recomputing("selective"):
+            return checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
+
+    def _forward(
+        self,
+        x: Tensor,
+        state: MomentumState,
+        momentum: MomentumUpdate,
+        collect_stats: bool = False,
+        token_ids: Tensor | None = None,
+    ):
+        x = self._sublayer(self._attention, x)
         if not self.is_moe:
-            if self.pre_ln:
-                return x + self.drop(self.ffn(self.norm2(x))), state, None, None
-            return self.norm2(x + self.drop(self.ffn(x))), state, None, None
+            return self._sublayer(self._dense, x), state, None, None
 
         y = momentum.lookahead(x, state)
         moe_out = self.moe(self.norm2(y) if self.pre_ln else y, collect_stats=collect_stats, token_ids=token_ids)

@@ -179,6 +179,7 @@ def build_initial_model(cfg: Config, task: Task, local_experts: range | None = N
         meta.check_weights(step_dir, ModelSpec.of(cfg))
     torch.manual_seed(cfg.train.seed)
     model = task.build_model(local_experts)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if init is not None:
         model.load_state_dict(init)
     return model
