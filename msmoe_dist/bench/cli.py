@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     from msmoe_dist.bench.memory import add_memory_args
 
     add_memory_args(sub.add_parser("memory", help="peak memory of one WikiText-103 step per model.output_layer"))
+    from msmoe_dist.bench.scaling import add_build_memory_args, add_recompute_args
+
+    add_build_memory_args(sub.add_parser("build-memory", help="peak RSS of one rank's model build at EP 1, 2, 4"))
+    add_recompute_args(sub.add_parser("recompute", help="step memory/time per train.activation_checkpointing"))
     from msmoe_dist.bench.gpu_check import add_gpu_check_args
 
     add_gpu_check_args(sub.add_parser("gpu-check", help="one-GPU acceptance checks (launch/gpu_check.sh)"))
@@ -141,6 +145,14 @@ def bench_main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
         else:
             print_table(result)
+        return 0
+    if args.command in ("build-memory", "recompute"):
+        from msmoe_dist.bench import scaling
+
+        result = scaling.run_build_memory(args) if args.command == "build-memory" else scaling.run_recompute(args)
+        print(json.dumps(result) if args.json else "", end="\n" if args.json else "")
+        if not args.json:
+            scaling.print_table(result)
         return 0
     if args.command == "prepare":
         from msmoe_dist.bench.prepare import run_prepare_bench

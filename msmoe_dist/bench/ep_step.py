@@ -63,7 +63,8 @@ def run_step_bench(args: argparse.Namespace, device: torch.device, pg: ProcessGr
     moe = MoEConfig(num_experts=args.experts, top_k=2, expert_ffn_dim=args.ffn)
     mom = MomentumConfig(kind=args.momentum)
     torch.manual_seed(0)
-    model = MoELanguageModel(mcfg, moe, mom, args.vocab)
+    local = pg.layout.local_experts(rank, args.experts) if pg is not None else None  # only this rank's experts
+    model = MoELanguageModel(mcfg, moe, mom, args.vocab, local)
     comm = CommStats()  # stays empty in one process: no collectives
     if pg is not None:
         apply_expert_parallel(model, pg, comm)

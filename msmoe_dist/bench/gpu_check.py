@@ -488,14 +488,16 @@ def overflow_step_skipped(ctx: Ctx, dtype: str = "fp16") -> dict:
     from msmoe_dist.train.ds_engine import DeepSpeedEngine
     from msmoe_dist.train.engine import objective
     from msmoe_dist.train.tasks import make_task
-    from msmoe_dist.train.trainer import build_engine, build_initial_model
+    from msmoe_dist.train.trainer import build_engine, build_initial_model, local_expert_ids
 
     cfg = load_config(QUICKSTART, _trainer_overrides(ctx, ctx.work / f"d_{dtype}_overflow", dtype, "deepspeed"))
     runtime = Runtime.from_env(cfg.train.device)
     runtime.start_distributed(cfg.parallel)
     task = make_task(cfg)
     task.load_data()
-    engine = build_engine(cfg, "deepspeed", runtime, build_initial_model(cfg, task))
+    engine = build_engine(
+        cfg, "deepspeed", runtime, build_initial_model(cfg, task, local_expert_ids(cfg, "deepspeed", runtime))
+    )
     if not isinstance(engine, DeepSpeedEngine):
         raise TypeError(f"expected the DeepSpeed engine, got {type(engine).__name__}")
     ds = engine.engine  # deepspeed's own engine inside our wrapper

@@ -31,6 +31,7 @@ RESUMABLE = (
     "train.resume",
     "train.auto_resume",
     "train.overwrite",
+    "train.activation_checkpointing",  # memory against time; the same gradients
     "checkpoint.",
     "logging.",
     "parallel.engine",  # engine, ep_size, zero_stage: compared as the resolved layout by check_resume

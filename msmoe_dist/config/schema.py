@@ -395,6 +395,14 @@ class TrainConfig:
         "Start a fresh run in a run_dir that already holds checkpoints, deleting them (no shipped config sets it; "
         "pass it on the command line when you mean it).",
     )
+    activation_checkpointing: str = opt(
+        "none",
+        "Recompute activations in the backward pass instead of keeping them (the gradients are the same). "
+        "block: whole transformer blocks (least memory; under expert parallelism the backward repeats each "
+        "MoE layer's all-to-all). selective: attention and dense FFN sublayers only; the MoE layer keeps "
+        "its activations, so no all-to-all is repeated. Both engines; any momentum kind, router and dropout.",
+        ("none", "block", "selective"),
+    )
 
 
 @dataclass

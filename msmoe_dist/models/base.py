@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from msmoe_dist.models.blocks import Block
+from msmoe_dist.models.blocks import CHECKPOINT_MODES, Block
 from msmoe_dist.models.inserted_moe import InsertedMoELayer
 from msmoe_dist.moe import MoELayer
 
@@ -24,3 +24,14 @@ class MoEModel(nn.Module):
         engine calls it before every step. Evaluation behaves as the last step set."""
         for layer in self.moe_layers():
             layer.set_step(step)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """train.activation_checkpointing: none, block or selective (msmoe_dist.models.blocks); takes effect
+        in training forwards with gradients on, under either engine."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(
+                f"unknown activation checkpointing {mode!r}; expected one of {', '.join(CHECKPOINT_MODES)}"
+            )
+        for block in self.blocks:
+            if isinstance(block, Block):  # an InsertedMoELayer (no attention, no dense FFN) is not recomputed
+                block.checkpointing = mode

@@ -15,11 +15,23 @@ momentum.lookahead_dense feeds it to dense blocks too (rachtsy/vmoe robust); wit
 moe.stable_router_input=residual the StableMoE router scores the un-normalised residual stream.
 
 Legend: B batch, S sequence, D model dim.
+
+Activation checkpointing (`checkpointing`, set by MoEModel.set_activation_checkpointing): in training
+with gradients on, `block` recomputes the whole block in the backward pass from its inputs (the hidden
+state and the momentum state's tensors); `selective` recomputes the attention sublayer and the dense
+FFN sublayer (with their norms, dropout and residual) and keeps the MoE layer's activations, so the
+backward never repeats a dispatch. torch.utils.checkpoint (non-reentrant) restores the RNG state, so
+the recomputed dropout masks (and noisy-gating noise) are the ones of the forward pass. Nothing the
+forward writes to a module is changed by a recompute: the momentum state is a new value per layer, the
+statistics are returned (the recomputed ones are dropped), and StableMoE's frozen table is filled
+once from parameters that do not change before the backward.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from msmoe_dist.config.schema import ModelConfig, MoEConfig
 from msmoe_dist.models.attention import SelfAttention
@@ -39,9 +51,14 @@ class DenseFFN(nn.Module):
         return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
+CHECKPOINT_MODES = ("none", "block", "selective")
+
+
 class Block(nn.Module):
     """moe_layer_index: this block's position among the model's MoE layers (the momentum rule's layer
     index), or None for a dense block."""
+
+    checkpointing: str = "none"  # none | block | selective (see the module doc)
 
     def __init__(
         self,
@@ -51,7 +68,12 @@ class Block(nn.Module):
         vocab_size: int | None = None,
         causal: bool = True,
         dense_activation: str = "relu",
+        *,
+        expert_seed: int | None = None,
+        expert_ids: range | None = None,
     ):
+        """expert_seed: the model's base seed of the experts' initial values; expert_ids: the global experts
+        this process holds (None: all of them). See msmoe_dist.moe.experts.expert_seed."""
         super().__init__()
         d = mcfg.d_model
         self.pre_ln = mcfg.block_style == "pre_ln"
@@ -70,13 +92,24 @@ class Block(nn.Module):
         if moe_layer_index is None:
             self.ffn = DenseFFN(d, mcfg.ffn_dim, mcfg.dropout, dense_activation)
         else:
-            self.moe = MoELayer(d, moe_cfg, init_std=mcfg.init_std, vocab_size=vocab_size)
+            self.moe = MoELayer(
+                d,
+                moe_cfg,
+                init_std=mcfg.init_std,
+                vocab_size=vocab_size,
+                init_seed=expert_seed,
+                moe_layer=moe_layer_index,
+                expert_ids=expert_ids,
+            )
             if not self.pre_ln:
                 self.moe_norm = nn.LayerNorm(d, eps=mcfg.norm_eps)  # the reference's inner LayerNorm
 
     @property
     def is_moe(self) -> bool:
         return self.moe_layer_index is not None
+
+    def _recomputing(self, mode: str) -> bool:
+        return self.checkpointing == mode and self.training and torch.is_grad_enabled()
 
     def forward(
         self,
@@ -87,15 +120,37 @@ class Block(nn.Module):
         token_ids: Tensor | None = None,
     ):
         """Returns (x, state, aux_loss or None, stats dict or None). token_ids [B, S]: for routers that use them."""
+        if self._recomputing("block"):
+            return checkpoint(self._forward, x, state, momentum, collect_stats, token_ids, use_reentrant=False)
+        return self._forward(x, state, momentum, collect_stats, token_ids)
+
+    def _attention(self, x: Tensor) -> Tensor:
         if self.pre_ln:
-            x = x + self.sub_drop(self.attn(self.norm1(x)))
-        else:
-            x = self.norm1(x + self.sub_drop(self.attn(x)))
+            return x + self.sub_drop(self.attn(self.norm1(x)))
+        return self.norm1(x + self.sub_drop(self.attn(x)))
+
+    def _dense(self, x: Tensor, state: MomentumState, momentum: MomentumUpdate) -> Tensor:
+        if self.pre_ln:
+            h = self._ffn_input(x, state, momentum) if momentum.lookahead_dense else self.norm2(x)
+            return self._residual(x, self.sub_drop(self.ffn(h)))
+        return self.norm2(x + self.sub_drop(self.ffn(x)))
+
+    def _sublayer(self, fn, *args):
+        if self._recomputing("selective"):
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _forward(
+        self,
+        x: Tensor,
+        state: MomentumState,
+        momentum: MomentumUpdate,
+        collect_stats: bool = False,
+        token_ids: Tensor | None = None,
+    ):
+        x = self._sublayer(self._attention, x)
         if not self.is_moe:
-            if self.pre_ln:
-                h = self._ffn_input(x, state, momentum) if momentum.lookahead_dense else self.norm2(x)
-                return self._residual(x, self.sub_drop(self.ffn(h))), state, None, None
-            return self.norm2(x + self.sub_drop(self.ffn(x))), state, None, None
+            return self._sublayer(self._dense, x, state, momentum), state, None, None
 
         if self.pre_ln:
             y = self._ffn_input(x, state, momentum)

@@ -23,12 +23,30 @@ from msmoe_dist.momentum import MomentumState, MomentumUpdate
 class InsertedMoELayer(nn.Module):
     """LN -> MoE -> residual, with no attention; the same forward signature as models.blocks.Block."""
 
-    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, moe_layer_index: int, vocab_size: int | None = None):
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        moe_layer_index: int,
+        vocab_size: int | None = None,
+        *,
+        expert_seed: int | None = None,
+        expert_ids: range | None = None,
+    ):
+        """expert_seed, expert_ids: as for models.blocks.Block (this rank's experts, EP-independent init)."""
         super().__init__()
         self.moe_layer_index = moe_layer_index
         self.norm = nn.LayerNorm(mcfg.d_model, eps=mcfg.norm_eps)
         self.drop = nn.Dropout(mcfg.dropout)
-        self.moe = MoELayer(mcfg.d_model, moe_cfg, init_std=mcfg.init_std, vocab_size=vocab_size)
+        self.moe = MoELayer(
+            mcfg.d_model,
+            moe_cfg,
+            init_std=mcfg.init_std,
+            vocab_size=vocab_size,
+            init_seed=expert_seed,
+            moe_layer=moe_layer_index,
+            expert_ids=expert_ids,
+        )
         self.router_sees_residual = moe_cfg.router == "stablemoe" and moe_cfg.stable_router_input == "residual"
 
     @property

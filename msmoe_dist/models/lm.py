@@ -18,6 +18,7 @@ from msmoe_dist.models.blocks import Block
 from msmoe_dist.models.inserted_moe import InsertedMoELayer
 from msmoe_dist.models.output import build_head, output_logits, output_loss
 from msmoe_dist.models.reference_init import fairseq_init, torch_default_init
+from msmoe_dist.moe.experts import draw_base_seed
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -36,10 +37,13 @@ class MoELanguageModel(MoEModel):
         moe_cfg: MoEConfig,
         mom_cfg: MomentumConfig,
         vocab_size: int,
+        local_experts: range | None = None,
     ):
-        """Built on one device with every expert; expert parallelism is applied afterwards
-        (msmoe_dist.parallel.apply_expert_parallel)."""
+        """Built on one device; local_experts: the global expert ids this rank holds under expert
+        parallelism (only those are allocated), None for every expert. The all-to-all is wired in
+        afterwards (msmoe_dist.parallel.apply_expert_parallel)."""
         super().__init__()
+        expert_seed = draw_base_seed()  # first, so the rest of the stream does not depend on the EP degree
         self.vocab_size = vocab_size
         self.max_seq_len = mcfg.max_seq_len
         d = mcfg.d_model
@@ -55,9 +59,14 @@ class MoELanguageModel(MoEModel):
             idx = None
             if i in moe_blocks:
                 idx, n_moe = n_moe, n_moe + 1
-            blocks.append(Block(mcfg, moe_cfg, idx, vocab_size=vocab_size))
+            blocks.append(
+                Block(mcfg, moe_cfg, idx, vocab_size=vocab_size, expert_seed=expert_seed, expert_ids=local_experts)
+            )
         if inserted:
-            blocks.insert(mcfg.num_layers // 2, InsertedMoELayer(mcfg, moe_cfg, 0, vocab_size=vocab_size))
+            layer = InsertedMoELayer(
+                mcfg, moe_cfg, 0, vocab_size=vocab_size, expert_seed=expert_seed, expert_ids=local_experts
+            )
+            blocks.insert(mcfg.num_layers // 2, layer)
             n_moe = 1
         self.blocks = nn.ModuleList(blocks)
         self.momentum = MomentumUpdate(mom_cfg, n_moe)

@@ -43,8 +43,10 @@ def torch_default_init(model: nn.Module) -> None:
                 nn.init.uniform_(mod.bias, -bound, bound)
         elif isinstance(mod, Experts):
             bound = 1.0 / math.sqrt(mod.d_model * mod.ffn_dim)
-            nn.init.uniform_(mod.w1, -bound, bound)
-            nn.init.uniform_(mod.w2, -bound, bound)
+            for i, e in enumerate(mod.expert_ids):  # each expert from its own generator: EP-independent
+                gen = mod.expert_generator(e)
+                mod.w1[i].uniform_(-bound, bound, generator=gen)
+                mod.w2[i].uniform_(-bound, bound, generator=gen)
             nn.init.zeros_(mod.b1)
             nn.init.zeros_(mod.b2)
 
@@ -104,12 +106,16 @@ def vmoe_init(model: nn.Module) -> None:
             _lecun_normal_(mod.weight, mod.weight.shape[1])
         elif isinstance(mod, Experts):
             D, F = mod.d_model, mod.ffn_dim
-            _xavier_uniform_(mod.w1[0], D, F)
-            _xavier_uniform_(mod.w2[0], F, D)
-            nn.init.normal_(mod.b1[0], std=1e-6)
-            nn.init.normal_(mod.b2[0], std=1e-6)
-            for t in (mod.w1, mod.w2, mod.b1, mod.b2):
-                t[1:] = t[0]  # split_rngs=False: every expert starts from the same draw
+            gen = mod.expert_generator(0)  # split_rngs=False: every expert starts from one draw (every rank's)
+            b1, b2 = math.sqrt(6.0 / (D + F)), math.sqrt(6.0 / (F + D))
+            w1, w2 = torch.empty_like(mod.w1[0]), torch.empty_like(mod.w2[0])
+            w1.uniform_(-b1, b1, generator=gen)
+            w2.uniform_(-b2, b2, generator=gen)
+            bias1, bias2 = torch.empty_like(mod.b1[0]), torch.empty_like(mod.b2[0])
+            bias1.normal_(0.0, 1e-6, generator=gen)
+            bias2.normal_(0.0, 1e-6, generator=gen)
+            for t, value in ((mod.w1, w1), (mod.w2, w2), (mod.b1, bias1), (mod.b2, bias2)):
+                t[:] = value
 
 
 @torch.no_grad()
@@ -142,7 +148,9 @@ def fairseq_init(model: nn.Module) -> None:
         elif isinstance(mod, Experts):
             # MoESublayer's ff1/ff2 are nn.Linear(D, F) / nn.Linear(F, D): fan_in D and F respectively
             b1, b2 = 1 / math.sqrt(mod.d_model), 1 / math.sqrt(mod.ffn_dim)
-            nn.init.uniform_(mod.w1, -b1, b1)
-            nn.init.uniform_(mod.b1, -b1, b1)
+            for i, e in enumerate(mod.expert_ids):  # each expert from its own generator: EP-independent
+                gen = mod.expert_generator(e)
+                mod.w1[i].uniform_(-b1, b1, generator=gen)
+                mod.b1[i].uniform_(-b1, b1, generator=gen)
+                mod.b2[i].uniform_(-b2, b2, generator=gen)
             nn.init.zeros_(mod.w2)
-            nn.init.uniform_(mod.b2, -b2, b2)

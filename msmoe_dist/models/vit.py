@@ -23,6 +23,7 @@ from msmoe_dist.config.schema import ModelConfig, MoEConfig, MomentumConfig, Vis
 from msmoe_dist.models.base import MoEModel
 from msmoe_dist.models.blocks import Block
 from msmoe_dist.models.reference_init import vmoe_init
+from msmoe_dist.moe.experts import draw_base_seed
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
 
@@ -54,10 +55,19 @@ def classification_loss(
 
 
 class VisionMoE(MoEModel):
-    def __init__(self, mcfg: ModelConfig, moe_cfg: MoEConfig, mom_cfg: MomentumConfig, vcfg: VisionConfig):
-        """Built on one device with every expert; expert parallelism is applied afterwards
-        (msmoe_dist.parallel.apply_expert_parallel)."""
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        mom_cfg: MomentumConfig,
+        vcfg: VisionConfig,
+        local_experts: range | None = None,
+    ):
+        """Built on one device; local_experts: the global expert ids this rank holds under expert
+        parallelism (only those are allocated), None for every expert. The all-to-all is wired in
+        afterwards (msmoe_dist.parallel.apply_expert_parallel)."""
         super().__init__()
+        expert_seed = draw_base_seed()  # first, so the rest of the stream does not depend on the EP degree
         d, p = mcfg.d_model, vcfg.patch_size
         self.image_size, self.num_classes = vcfg.image_size, vcfg.num_classes
         self.pooling = vcfg.pooling
@@ -71,7 +81,17 @@ class VisionMoE(MoEModel):
         blocks = []
         for i in range(mcfg.num_layers):
             idx = self.moe_blocks.index(i) if i in self.moe_blocks else None
-            blocks.append(Block(mcfg, moe_cfg, idx, causal=False, dense_activation=moe_cfg.activation))
+            blocks.append(
+                Block(
+                    mcfg,
+                    moe_cfg,
+                    idx,
+                    causal=False,
+                    dense_activation=moe_cfg.activation,
+                    expert_seed=expert_seed,
+                    expert_ids=local_experts,
+                )
+            )
         self.blocks = nn.ModuleList(blocks)
         self.momentum = MomentumUpdate(mom_cfg, len(self.moe_blocks))
         self.final_norm = nn.LayerNorm(d, eps=mcfg.norm_eps)

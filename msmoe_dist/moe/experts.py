@@ -11,6 +11,7 @@ groups), so they carry a tag from the moment they are created; `is_expert_param`
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -192,20 +193,61 @@ def _prefer_grouped_mm(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def expert_seed(base_seed: int, moe_layer: int, expert: int) -> int:
+    """The seed of one expert's initial values: a hash of (base seed, MoE layer, global expert index).
+
+    Every rank derives the same number for the same expert, whatever the EP degree, so a rank can
+    initialise exactly the experts it holds and EP 1, 2, 4 start from identical weights."""
+    digest = hashlib.blake2b(f"msmoe-expert:{base_seed}:{moe_layer}:{expert}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draw_base_seed() -> int:
+    """One draw from the global torch generator: the base of a model's per-expert seeds. A model draws
+    it at a fixed point of its build, so the stream after the build does not depend on the EP degree."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, ffn_dim: int, activation: str, init_std: float = 0.02):
+    """The experts `expert_ids` (global indices, contiguous; all `num_experts` by default) of one MoE layer.
+
+    Only the held experts are allocated: under expert parallelism a rank builds its own slice and
+    never a full [E, D, F] tensor. Expert e's weights are drawn from a generator seeded with
+    `expert_seed(init_seed, moe_layer, e)` (init_seed None: one draw from the global generator), so
+    they do not depend on which rank holds it or on how many experts that rank holds.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        ffn_dim: int,
+        activation: str,
+        init_std: float = 0.02,
+        *,
+        init_seed: int | None = None,
+        moe_layer: int = 0,
+        expert_ids: range | None = None,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
-        self.num_experts = num_experts
+        held = range(num_experts) if expert_ids is None else expert_ids
+        if held.step != 1 or not 0 <= held.start < held.stop <= num_experts:
+            raise ValueError(f"cannot hold experts {held} of {num_experts}")
+        self.num_experts = len(held)
+        self.expert_ids = held
         self.d_model = d_model
         self.ffn_dim = ffn_dim
         self.activation = activation
+        self.init_seed = draw_base_seed() if init_seed is None else int(init_seed)
+        self.moe_layer = moe_layer
+        E = len(held)
         # Every tensor has the expert index as its leading dim: sharding is a slice along dim 0.
-        self.w1 = _expert_parameter(torch.empty(num_experts, d_model, ffn_dim))
-        self.b1 = _expert_parameter(torch.empty(num_experts, ffn_dim))
-        self.w2 = _expert_parameter(torch.empty(num_experts, ffn_dim, d_model))
-        self.b2 = _expert_parameter(torch.empty(num_experts, d_model))
+        self.w1 = _expert_parameter(torch.empty(E, d_model, ffn_dim))
+        self.b1 = _expert_parameter(torch.empty(E, ffn_dim))
+        self.w2 = _expert_parameter(torch.empty(E, ffn_dim, d_model))
+        self.b2 = _expert_parameter(torch.empty(E, d_model))
         self.reset_parameters(init_std)
 
     @torch.no_grad()
@@ -223,10 +265,22 @@ class Experts(nn.Module):
             new.requires_grad_(old.requires_grad)
             setattr(self, name, new)
         self.num_experts = len(experts)
+        self.expert_ids = self.expert_ids[experts.start : experts.stop]
 
+    def expert_generator(self, expert: int) -> torch.Generator:
+        """A fresh generator of global expert ``expert``'s initial values (seeded by `expert_seed`): also for
+        other initialisers (models/reference_init.py), which must not depend on the EP degree either."""
+        return torch.Generator(device=self.w1.device).manual_seed(expert_seed(self.init_seed, self.moe_layer, expert))
+
+    @torch.no_grad()
     def reset_parameters(self, init_std: float = 0.02) -> None:
-        nn.init.normal_(self.w1, std=init_std)
-        nn.init.normal_(self.w2, std=init_std)
+        """w1, w2 ~ N(0, init_std) from each expert's own generator (w1 first, then w2); zero biases."""
+        if self.w1.is_meta:  # nothing to fill (materialised later with to_empty + reset_parameters)
+            return
+        for i, e in enumerate(self.expert_ids):
+            gen = self.expert_generator(e)
+            self.w1[i].normal_(0.0, init_std, generator=gen)
+            self.w2[i].normal_(0.0, init_std, generator=gen)
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
 

@@ -62,7 +62,15 @@ class MoELayer(nn.Module):
         dispatcher: Dispatcher | None = None,
         init_std: float = 0.02,
         vocab_size: int | None = None,
+        *,
+        init_seed: int | None = None,
+        moe_layer: int = 0,
+        expert_ids: range | None = None,
     ):
+        """init_seed, moe_layer: the experts' initial values (moe.experts.expert_seed; None draws the base from
+        the global generator). expert_ids: the global experts this process will hold under expert parallelism
+        (only those are allocated; `shard_experts` then only swaps the dispatcher); default all, or the
+        dispatcher's first num_local_experts when a dispatcher is given."""
         super().__init__()
         if cfg.expert_impl not in ("grouped", "loop"):
             raise ValueError(f"unknown expert_impl {cfg.expert_impl!r}")
@@ -70,7 +78,18 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = build_router(d_model, cfg, init_std, vocab_size)
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
-        self.experts = Experts(self.dispatcher.num_local_experts, d_model, cfg.expert_ffn_dim, cfg.activation, init_std)
+        if expert_ids is None:
+            expert_ids = range(self.dispatcher.num_local_experts)
+        self.experts = Experts(
+            cfg.num_experts,
+            d_model,
+            cfg.expert_ffn_dim,
+            cfg.activation,
+            init_std,
+            init_seed=init_seed,
+            moe_layer=moe_layer,
+            expert_ids=expert_ids,
+        )
         # Chosen once: the fast path, or the per-expert loop kept as the obviously correct reference.
         # Bound to the Experts object, which shard_experts slices in place.
         self._run_experts = self.experts.forward_loop if cfg.expert_impl == "loop" else self.experts.__call__
@@ -82,15 +101,20 @@ class MoELayer(nn.Module):
 
     def shard_experts(self, experts: range, dispatcher: Dispatcher) -> None:
         """Expert parallelism: keep only `experts` (global ids, contiguous) and move tokens with
-        `dispatcher`, which must deliver rows for exactly those experts. Once, before an optimiser exists."""
-        if self.experts.num_experts != self.cfg.num_experts:
-            raise RuntimeError(
-                f"the experts are already sharded ({self.experts.num_experts} of {self.cfg.num_experts} held)"
-            )
+        `dispatcher`, which must deliver rows for exactly those experts. Once, before an optimiser exists.
+
+        A layer built with only these experts (`expert_ids`) keeps its parameters and takes the dispatcher;
+        a layer built with every expert is sliced (the parameters become new tagged Parameters)."""
         if len(experts) != dispatcher.num_local_experts:
             raise ValueError(
                 f"keeping {len(experts)} experts but the dispatcher delivers rows for {dispatcher.num_local_experts}"
             )
+        held = self.experts.expert_ids
+        if held == experts and self.dispatcher.num_local_experts != len(held):  # built local-only, not yet wired
+            self.dispatcher = dispatcher
+            return
+        if len(held) != self.cfg.num_experts:
+            raise RuntimeError(f"the experts are already sharded (experts {held.start}..{held.stop - 1} held)")
         self.experts.keep_experts(experts)
         self.dispatcher = dispatcher
 
@@ -134,6 +158,12 @@ class MoELayer(nn.Module):
         ``router_input``: what the router scores instead of x, same shape (moe.stable_router_input=residual)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"expected last dim {self.d_model}, got shape {tuple(x.shape)}")
+        if self.dispatcher.num_local_experts != self.experts.num_experts:
+            raise RuntimeError(
+                f"this layer holds experts {self.experts.expert_ids.start}..{self.experts.expert_ids.stop - 1} of "
+                f"{self.cfg.num_experts} but its dispatcher delivers rows for {self.dispatcher.num_local_experts}: "
+                "apply expert parallelism (msmoe_dist.parallel.apply_expert_parallel) before running it"
+            )
         x_TD = x.reshape(-1, self.d_model)
         r_TD = x_TD if router_input is None else router_input.reshape(-1, self.d_model)
         routing = self.router(r_TD, None if token_ids is None else token_ids.reshape(-1))

@@ -1,10 +1,14 @@
 """Expert parallelism applied to a model that was built on one device.
 
-Build the model once from the seed, exactly as a one-process run does, then call
-`apply_expert_parallel(model, pg)` once, before the optimiser is built. Every rank then holds the
-same dense weights as the one-process model and the slice of its experts that the layout gives it
-(`ParallelLayout.local_experts`); its MoE layers move tokens by all-to-all inside the EP group. No
-random numbers are drawn here, so the RNG stream after this call is the one-process run's.
+Build the model once from the seed, either holding only this rank's experts
+(`build_model(..., local_experts=layout.local_experts(rank, E))`: nothing else is ever allocated) or
+every expert, exactly as a one-process run does; then call `apply_expert_parallel(model, pg)` once,
+before the optimiser is built. Every rank then holds the same dense weights as the one-process model
+and the slice of its experts that the layout gives it (`ParallelLayout.local_experts`) with the
+one-process values (each expert is initialised from its own seed, moe.experts.expert_seed); its MoE
+layers move tokens by all-to-all inside the EP group. No random numbers are drawn here, and the build
+draws the same numbers from the global generator at every EP degree, so the RNG stream after this
+call is the one-process run's.
 
 Worked example: 8 experts, 4 ranks, ep_size 2. Ranks 0 and 2 keep experts 0..3, ranks 1 and 3
 keep experts 4..7; every `Experts.w1` shrinks from [8, D, F] to [4, D, F] (and b1, w2, b2 alike).
@@ -21,7 +25,8 @@ from msmoe_dist.parallel.groups import ProcessGroups
 
 
 def apply_expert_parallel(model: nn.Module, pg: ProcessGroups, comm: CommStats | None = None) -> None:
-    """Keep this rank's experts in every MoE layer and route their tokens through the EP group.
+    """Keep this rank's experts in every MoE layer (slice a full layer; a layer built with exactly
+    these experts is kept as it is) and route their tokens through the EP group.
 
     ep_size 1 leaves the model as it is (every rank holds every expert; LocalDispatcher stays).
     `comm`, if given, measures every layer's collectives (one object for the whole model).

@@ -45,7 +45,7 @@ class Task(Protocol):
 
     def num_outputs(self) -> int: ...  # the vocabulary size or the class count
 
-    def build_model(self) -> MoEModel: ...
+    def build_model(self, local_experts: range | None = None) -> MoEModel: ...
 
     def data_fingerprint(self) -> dict: ...  # stored in checkpoints: which vocabulary/classes the model knows
 
@@ -86,8 +86,9 @@ class NetworkConfigs:
     momentum: MomentumConfig
     vision: VisionConfig
 
-    def build(self, num_outputs: int) -> MoEModel:
-        return build_model(self.model, self.moe, self.momentum, self.vision, num_outputs)
+    def build(self, num_outputs: int, local_experts: range | None = None) -> MoEModel:
+        """local_experts: the global expert ids this rank holds (None: all); see models.build.build_model."""
+        return build_model(self.model, self.moe, self.momentum, self.vision, num_outputs, local_experts)
 
 
 class LMTask:
@@ -112,8 +113,8 @@ class LMTask:
     def num_outputs(self) -> int:
         return resolve_vocab_size(self.net.model, len(self.corpus.vocab))
 
-    def build_model(self) -> MoEModel:
-        return self.net.build(self.num_outputs())
+    def build_model(self, local_experts: range | None = None) -> MoEModel:
+        return self.net.build(self.num_outputs(), local_experts)
 
     def data_fingerprint(self) -> dict:
         return {"vocab_size": self.num_outputs(), "vocab_sha256": self.corpus.vocab.sha256()}
@@ -173,8 +174,8 @@ class VisionTask:
     def num_outputs(self) -> int:
         return self.vision.num_classes
 
-    def build_model(self) -> MoEModel:
-        return self.net.build(self.num_outputs())
+    def build_model(self, local_experts: range | None = None) -> MoEModel:
+        return self.net.build(self.num_outputs(), local_experts)
 
     def data_fingerprint(self) -> dict:
         return {"num_classes": self.num_outputs(), "classes": list(self.train_set.classes)}

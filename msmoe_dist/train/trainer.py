@@ -153,16 +153,30 @@ def agree_on_checkpoint(engine: Engine, candidates: list[Path], on_corrupt: str)
     return candidates[int(total) - 1]
 
 
-def build_initial_model(cfg: Config, task: Task) -> MoEModel:
-    """The model on one device, from the seed (as one process would build it), or from
-    checkpoint.init_from's weights (every expert, any EP degree; the network must match)."""
+def local_expert_ids(cfg: Config, kind: str, runtime: Runtime) -> range | None:
+    """The global experts this rank holds (deepspeed engine, parallel.ep_size > 1), or None for all of them."""
+    if kind != "deepspeed" or cfg.parallel.ep_size <= 1:
+        return None
+    from msmoe_dist.parallel import LayoutError, ParallelLayout
+
+    try:
+        return ParallelLayout(runtime.world_size, cfg.parallel.ep_size).local_experts(runtime.rank, cfg.moe.num_experts)
+    except LayoutError as exc:
+        raise TrainError(str(exc)) from exc
+
+
+def build_initial_model(cfg: Config, task: Task, local_experts: range | None = None) -> MoEModel:
+    """The model on one device, from the seed, or from checkpoint.init_from's weights (any EP degree; the
+    network must match). local_experts: only these experts are built (and read from init_from); their
+    initial values are the ones a one-process build gives them (moe.experts.expert_seed)."""
     init = None
     if cfg.checkpoint.init_from:
         step_dir = resolve_checkpoint(cfg.checkpoint.init_from)
-        init, meta = load_full_weights(step_dir)
+        init, meta = load_full_weights(step_dir, local_experts)
         meta.check_weights(step_dir, ModelSpec.of(cfg))
     torch.manual_seed(cfg.train.seed)
-    model = task.build_model()
+    model = task.build_model(local_experts)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if init is not None:
         model.load_state_dict(init)
     return model
@@ -208,8 +222,11 @@ def banner(cfg: Config, kind: str, world_size: int, model: MoEModel) -> str:
     """The start-up lines (rank 0): engine, layout, precision, model size, batch size, run directory."""
     from msmoe_dist.moe import is_expert_param
 
-    expert = sum(p.numel() for p in model.parameters() if is_expert_param(p))
-    total = sum(p.numel() for p in model.parameters())
+    # Every expert of the model, not this rank's share (a rank under EP holds 1/ep_size of them).
+    ep_share = cfg.parallel.ep_size if kind == "deepspeed" else 1
+    local_expert = sum(p.numel() for p in model.parameters() if is_expert_param(p))
+    expert = ep_share * local_expert
+    total = sum(p.numel() for p in model.parameters()) - local_expert + expert
     active = total - expert + expert * cfg.moe.top_k // max(cfg.moe.num_experts, 1)
     pc, d, G = cfg.parallel, cfg.data, cfg.train.grad_accum_steps
     ep = pc.ep_size if kind == "deepspeed" else 1
@@ -298,7 +315,7 @@ def run(cfg: Config) -> dict:
         comm.barrier(name="barrier (rank 0 prepared the data)")
     if not runtime.is_main:
         task.load_data()
-    model = build_initial_model(cfg, task)
+    model = build_initial_model(cfg, task, local_expert_ids(cfg, kind, runtime))
     if runtime.is_main:
         logs.info(banner(cfg, kind, runtime.world_size, model))
     engine = build_engine(cfg, kind, runtime, model)
@@ -377,6 +394,7 @@ __all__ = [
     "TrainError",
     "build_engine",
     "build_initial_model",
+    "local_expert_ids",
     "engine_kind",
     "pick_checkpoint",
     "prepare_run_dir",

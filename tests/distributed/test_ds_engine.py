@@ -19,7 +19,7 @@ from msmoe_dist.models.build import build_model
 from msmoe_dist.moe import is_expert_param
 from msmoe_dist.parallel import ParallelLayout, is_expert_key
 from msmoe_dist.parallel.runtime import Runtime
-from msmoe_dist.train.trainer import build_engine
+from msmoe_dist.train.trainer import build_engine, local_expert_ids
 
 V, B, S = 60, 2, 8
 
@@ -55,12 +55,17 @@ def _model(cfg):
 
 
 def _engine(cfg, rank, world, init=None):
-    """What msmoe-train does: build on one device from the seed (or load full weights), then parallelise."""
+    """What msmoe-train does: build this rank's experts on one device from the seed (or load their slice
+    of full weights), then parallelise."""
     runtime = Runtime(rank, world, rank, torch.device("cpu"))
     runtime.start_distributed(cfg.parallel)
-    model = _model(cfg)
+    local = local_expert_ids(cfg, "deepspeed", runtime)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.moe, cfg.momentum, cfg.vision, V, local)
     if init is not None:
-        model.load_state_dict(init)
+        model.load_state_dict(
+            {n: t[local.start : local.stop] if local and is_expert_key(n) else t for n, t in init.items()}
+        )
     return build_engine(cfg, "deepspeed", runtime, model)
 
 
@@ -135,6 +140,12 @@ def _ckpt_worker(rank, world, root):
         if is_expert_key(n):
             r0 = lay2.ep_rank(rank) * 4
             assert torch.equal(full[n][r0 : r0 + 4], p), n
+    # one rank's slice at another EP degree (within one shard file, across two, all): only those experts come back
+    for part in (range(0, 2), range(6, 8), range(2, 6), range(0, 8)):
+        sliced, _ = load_full_weights(step_dir, part)
+        assert sliced.keys() == full.keys()
+        for n, t in sliced.items():
+            assert torch.equal(t, full[n][part.start : part.stop] if is_expert_key(n) else full[n]), (part, n)
     for ep in (1, 4):
         e = _engine(_cfg(f"parallel.ep_size={ep}", "parallel.zero_stage=1"), rank, world, init=full)
         per, r = 8 // ep, ParallelLayout(world, ep).ep_rank(rank)
