@@ -298,6 +298,12 @@ class TrainConfig:
         "Start a fresh run in a run_dir that already holds checkpoints, deleting them (no shipped config sets it; "
         "pass it on the command line when you mean it).",
     )
+    allow_batch_change: bool = opt(
+        False,
+        "On resume, accept a changed global batch (data.batch_size x grad_accum_steps x world size) or "
+        "data.batch_size: training continues at the saved step with the new batch (the data order is then "
+        "that of the new batch). Without it such a resume is refused.",
+    )
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 A task loads its data, says how many outputs its model has, builds the model (on one device), hands
 the loop the micro-batches of each step and evaluates through an Evaluator. Batches are a pure
-function of (seed, step, micro-batch, rank), so a resumed run reads exactly what the uninterrupted
-one would have read (mid-epoch included).
+function of (seed, global micro-batch index), the index being (step * G + micro) * world + rank
+(data.batches.global_micro_index), so a resumed run reads exactly what the uninterrupted one would
+have read (mid-epoch included), also at another world size with the same micro-batches per step
+(grad_accum_steps * world size) and data.batch_size.
 """
 
 from __future__ import annotations
@@ -124,10 +126,12 @@ class LMTask:
     def micro_batches(self, step: int) -> tuple[list, int]:
         """The step's micro-batches for this rank, and how many units (tokens) they hold on all ranks."""
         from msmoe_dist.data import training_batch
+        from msmoe_dist.data.batches import global_micro_index
 
         d, G = self.data, self.train.grad_accum_steps
         micro = [
-            training_batch(d, self.train_ids, step * G + m, self.train.seed, self.rank, self.world) for m in range(G)
+            training_batch(d, self.train_ids, global_micro_index(step, m, G, self.rank, self.world), self.train.seed)
+            for m in range(G)
         ]
         return micro, d.batch_size * d.seq_len * G * self.world
 
@@ -221,8 +225,9 @@ class VisionTask:
                     f"rank {self.rank}: every image of a training batch was unreadable ({batch.num_unreadable} "
                     f"files, e.g. {example}); expected images PIL can decode under {self.train_set.root}"
                 )
-            if v.mixup_alpha > 0:
-                gen = torch.Generator().manual_seed(hash((self.train.seed, step * G + m, self.rank)) % 2**63)
+            if v.mixup_alpha > 0:  # keyed by the global micro-batch index (the layout-free one; rank 0 slot)
+                g = (step * G + m) * self.world + self.rank
+                gen = torch.Generator().manual_seed(hash((self.train.seed, g, 0)) % 2**63)
                 x, y = mixup(x, y, v.num_classes, v.mixup_alpha, gen)
             micro.append((x, y))
             images += x.shape[0]

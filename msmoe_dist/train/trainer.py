@@ -192,18 +192,37 @@ def build_engine(cfg: Config, kind: str, runtime: Runtime, model: MoEModel) -> E
     return DeepSpeedEngine(model, pg, cfg.moe.num_experts, cfg.optim, cfg.train, cfg.parallel, cfg.data.batch_size)
 
 
-def restore(engine: Engine, step_dir: Path, cfg: Config) -> CheckpointMeta:
-    """Checks that the checkpoint fits this run (one error naming every difference: layout, network,
-    then any other setting that may not change on resume), says which allowed settings changed, loads
-    the engine's files, and returns its metadata (the step to continue from, the metrics log's position)."""
+def restore(engine: Engine, step_dir: Path, cfg: Config, world_size: int = 1) -> CheckpointMeta:
+    """Checks that the checkpoint fits this run (one error naming every reason: network, EP degree, global
+    batch, then any other setting that may not change on resume), says which allowed settings changed,
+    loads the state, and returns its metadata (the step to continue from, the metrics log's position).
+
+    Same layout: the engine's own files (``load_files``, bit for bit). Another layout (engine, world size,
+    EP degree, ZeRO stage, dtype): the checkpoint is assembled into one state by parameter name
+    (checkpoint.full_state) and each rank takes its slice (``load_full_state``)."""
     meta = read_meta(step_dir)
-    meta.check_resume(step_dir, engine.layout_meta(), ModelSpec.of(cfg))
+    layout_now = engine.layout_meta()
+    batch_now = {
+        "batch_size": cfg.data.batch_size,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "world_size": world_size,
+    }
+    notes = meta.check_resume(step_dir, layout_now, ModelSpec.of(cfg), batch_now, cfg.train.allow_batch_change)
     changed = resume_changes(step_dir, meta.config, config_to_dict(cfg), arch_keys("vision"))
     if meta.step >= cfg.train.max_steps:
         raise TrainError(f"checkpoint is at step {meta.step}, already >= train.max_steps={cfg.train.max_steps}")
     if changed and engine.is_main:
         print(f"msmoe-train: resuming {step_dir.name} with changed settings: {', '.join(changed)}", file=sys.stderr)
-    engine.load_files(step_dir, meta)
+    if meta.layout_differences(layout_now):
+        from msmoe_dist.checkpoint.full_state import assemble_full_state
+
+        full = assemble_full_state(step_dir, meta, getattr(engine, "param_names", None))
+        engine.load_full_state(full)
+    else:
+        engine.load_files(step_dir, meta)
+    if engine.is_main:
+        for note in notes:
+            print(f"msmoe-train: resuming {step_dir.name}: {note}", file=sys.stderr)
     return meta
 
 
@@ -307,7 +326,7 @@ def run(cfg: Config) -> dict:
     resumed = None
     if candidates:
         step_dir = agree_on_checkpoint(engine, candidates, cfg.checkpoint.on_corrupt)
-        resumed = restore(engine, step_dir, cfg)
+        resumed = restore(engine, step_dir, cfg, runtime.world_size)
         if engine.is_main:
             print(f"msmoe-train: resuming from step {resumed.step} ({step_dir})", file=sys.stderr)
     if resumed is None and engine.is_main and cfg.train.overwrite:
