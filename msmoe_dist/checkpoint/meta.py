@@ -118,8 +118,13 @@ class CheckpointMeta:
         old, new = saved_b * saved_g * saved_w, now["batch_size"] * now["grad_accum_steps"] * now["world_size"]
         if old == new and saved_b == now["batch_size"]:
             return ""
+        what = (
+            f"the global batch changes from {old} to {new} samples"
+            if old != new
+            else (f"the micro-batch changes while the global batch stays {old} samples")
+        )
         return (
-            f"the global batch changes from {old} to {new} samples (data.batch_size {saved_b} -> "
+            f"{what} (data.batch_size {saved_b} -> "
             f"{now['batch_size']}, train.grad_accum_steps x world size {saved_g}x{saved_w} -> "
             f"{now['grad_accum_steps']}x{now['world_size']})"
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -30,8 +30,7 @@ from msmoe_dist.parallel.sharding import is_expert_key
 from msmoe_dist.train.engine import set_rng_state
 from msmoe_dist.train.optim import restore_schedule
 
-if TYPE_CHECKING:
-    from msmoe_dist.train.ds_engine import DeepSpeedEngine
+DeepSpeedEngine = Any  # train.ds_engine.DeepSpeedEngine (which imports this module)
 
 
 def _mapped(ds: DeepSpeedEngine) -> bool:

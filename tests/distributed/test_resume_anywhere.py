@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from msmoe_dist.checkpoint import CheckpointMeta, read_meta
 from msmoe_dist.checkpoint.full_state import assemble_full_state
@@ -84,14 +85,15 @@ def _reassembled(engine, step_dir: Path, out: Path, rank: int) -> None:
 
 def _ranks(rank: int, world: int, root: str) -> None:
     from msmoe_dist.config import load_config
-    from msmoe_dist.train.trainer import build_engine, build_initial_model, restore, run
     from msmoe_dist.train.tasks import make_task
+    from msmoe_dist.train.trainer import build_engine, build_initial_model, restore, run
 
     root = Path(root)
     run(load_config(None, _args(root, "ds222", *DS222)))
     if rank == 0:
         _fork_at_step(root, "ds222", "ds222_to_ds211")
         _fork_at_step(root, "native", "native_to_ds222")
+    dist.barrier()  # the copies exist before any rank looks for them
     run(load_config(None, _args(root, "ds222_to_ds211", *DS211, "train.resume=true")))
     run(load_config(None, _args(root, "native_to_ds222", *DS222, "train.resume=true")))
     # the moments as the DS(2,1,1) engine holds them right after restoring DS(2,2,2)'s step 3
@@ -131,9 +133,9 @@ def _close(got: dict[int, float], want: dict[int, float], steps) -> None:
 
 def test_resume_across_world_size_ep_zero_and_engine(tmp_path, run_distributed, capfd):
     from msmoe_dist.config import load_config
-    from msmoe_dist.train.trainer import build_engine, build_initial_model, restore, run
-    from msmoe_dist.train.tasks import make_task
     from msmoe_dist.parallel.runtime import Runtime
+    from msmoe_dist.train.tasks import make_task
+    from msmoe_dist.train.trainer import build_engine, build_initial_model, restore, run
 
     run(load_config(None, _args(tmp_path, "native", *NATIVE)))
     run_distributed(_ranks, 2, str(tmp_path), timeout_s=240, collective_timeout_s=60)
