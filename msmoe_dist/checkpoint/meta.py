@@ -91,7 +91,7 @@ class CheckpointMeta:
                 f"the layout changes: {', '.join(layout)}; weights, optimiser state and schedule are re-partitioned"
             )
         if batch_now is not None:
-            batch = self._batch_change(batch_now)
+            batch = self.batch_change(batch_now)
             if batch and not allow_batch_change:
                 problems.append(
                     f"{batch} (the data order is defined per micro-batch of data.batch_size, so a resume needs "
@@ -108,7 +108,7 @@ class CheckpointMeta:
             raise CheckpointError(f"cannot resume {where.name}: {'; '.join(problems)}")
         return notes
 
-    def _batch_change(self, now: dict) -> str:
+    def batch_change(self, now: dict) -> str:
         """'' when the global batch and its micro-batches are as saved, else what changed."""
         saved_b = self.config.get("data", {}).get("batch_size")
         saved_g = self.config.get("train", {}).get("grad_accum_steps", 1)

@@ -1,25 +1,22 @@
 """Training and evaluation batches cut from a 1-D token stream.
 
 Two training samplers (data.sampler), both without state: the windows of a step are a pure
-function of the step (and seed), so the data position of a run is just its step, and a run
-resumed at step N reads exactly the windows an uninterrupted run would, whatever happened
-before (a different process, batches asked for in another order, another world size).
+function of the step (and seed, rank), so the data position of a run is just its step, and a
+run resumed at step N reads exactly the windows an uninterrupted run would, whatever happened
+before (a different process, batches asked for in another order).
 
-The global batch of optimiser step s is G * W micro-batches of B = data.batch_size samples
-(G = train.grad_accum_steps, W = world size); rank r's micro-batch m of step s is the global
-micro-batch g = (s * G + m) * W + r (:func:`global_micro_index`), and the samplers below are
-functions of g alone. So the step's samples depend on B and G * W only: a run resumed at
-another world size with the same B and G * W (e.g. W 2 -> 1 with G 1 -> 2) reads the samples,
-forward by forward, that the old run would have read. At W = 1, g = s * G + m (as always).
-
-- ``random`` (:func:`train_batch`): offsets drawn from a generator seeded by (seed, g).
+- ``random`` (:func:`train_batch`): offsets drawn from a generator seeded by (seed, step, rank).
 - ``sequential`` (:func:`sequential_batch`): the reference's order.  The stream is cut into
-  batch_size contiguous lanes; row b of global micro-batch g reads window g mod W_lane of lane b
-  (W_lane windows per lane), wrapping to the lane's start at the end of an epoch.  Consecutive
-  micro-batches (and ranks) read consecutive windows of the same lanes.  Lanes overlap by one
-  token so that their targets tile the stream: over one epoch every token from index 1 to
-  L*W_lane*seq_len (L lanes) is a target exactly once.  (``sequential_batch`` still takes a
-  rank and world size, cutting world_size * batch_size lanes; the trainer calls it with 1.)
+  world_size * batch_size contiguous lanes; rank r owns lanes r*B .. r*B+B-1 (one contiguous
+  shard of the stream), row b of its batch reads lane r*B+b, and step s reads the lane's
+  window s mod W (W windows per lane), wrapping to the lane's start at the end of an epoch.
+  Lanes overlap by one token so that their targets tile the stream: over one epoch every
+  token from index 1 to L*W*seq_len (L lanes) is a target exactly once.
+
+The rank layout of the data is the run's *data world* D (the world size it started with, kept in its
+checkpoints): micro-batch g of data rank d is the ``(g, d)`` above, and :func:`data_slot` maps a rank of
+a resumed run at another world size W (same data.batch_size and grad_accum_steps x world size) onto it,
+so the resumed run reads the samples, forward by forward, the old run would have read.
 
 Streams may hold any integer dtype (the uint16/uint32 memory maps of a prepared corpus);
 only the cut windows are converted to int64, so a memory-mapped stream is never copied whole.
@@ -60,11 +57,23 @@ def _describe(x) -> str:
     return f"a {x.dim()}-D tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def global_micro_index(step: int, micro: int, grad_accum: int, rank: int, world: int) -> int:
-    """The global micro-batch index of rank ``rank``'s micro-batch ``micro`` of optimiser step ``step``:
-    (step * grad_accum + micro) * world + rank. It depends on the layout only through grad_accum * world
-    (the micro-batches per step); at world 1 it is step * grad_accum + micro."""
-    return (step * grad_accum + micro) * world + rank
+def data_slot(step: int, micro: int, grad_accum: int, rank: int, world: int, data_world: int) -> tuple[int, int]:
+    """(micro-batch index, data rank) that rank ``rank`` of ``world`` reads as micro-batch ``micro`` of ``step``.
+
+    A step reads grad_accum * world forwards; forward j = micro * world + rank of the step is, in the run's
+    data layout of ``data_world`` ranks, micro-batch step * (grad_accum * world / data_world) + j // data_world
+    of data rank j % data_world. With world == data_world this is (step * grad_accum + micro, rank), the
+    order of every run that never changed its world size; it depends on the layout at hand only through
+    grad_accum * world (the forwards per step), which a resume keeps.
+    """
+    per_step = grad_accum * world
+    if per_step % data_world:
+        raise DataError(
+            f"grad_accum_steps x world size = {grad_accum} x {world} is not a multiple of the run's data world "
+            f"size {data_world}; expected the same micro-batches per step as the saved run"
+        )
+    j = micro * world + rank
+    return step * (per_step // data_world) + j // data_world, j % data_world
 
 
 def window_seed(seed: int, step: int, rank: int) -> int:
@@ -144,8 +153,7 @@ def sequential_batch(
 def training_batch(
     data_cfg, stream: torch.Tensor, index: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trainer's one call: global micro-batch ``index`` (:func:`global_micro_index`; the trainer passes
-    rank 0 of world 1 with it) by ``data_cfg.sampler``."""
+    """The trainer's one call: micro-batch ``index`` (step * grad_accum + micro) by ``data_cfg.sampler``."""
     if data_cfg.sampler == "sequential":
         return sequential_batch(stream, index, data_cfg.batch_size, data_cfg.seq_len, rank, world_size)
     if data_cfg.sampler != "random":

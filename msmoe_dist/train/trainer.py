@@ -226,6 +226,19 @@ def restore(engine: Engine, step_dir: Path, cfg: Config, world_size: int = 1) ->
     return meta
 
 
+def data_world_of(resumed: CheckpointMeta | None, cfg: Config, world_size: int) -> int:
+    """The run's data layout (data.batches.data_slot): the world size it started with, kept across resumes
+    at other world sizes so that they read the same samples; a resume with another batch (allowed by
+    train.allow_batch_change) starts the new batch's order, that of this world size."""
+    if resumed is None:
+        return world_size
+    batch_now = {"batch_size": cfg.data.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
+    if resumed.batch_change({**batch_now, "world_size": world_size}):
+        return world_size
+    saved = resumed.parts.get("data", {}).get("world_size")  # absent before issue 17: the saving run's world
+    return int(saved or resumed.layout.get("world_size") or 1)
+
+
 def banner(cfg: Config, kind: str, world_size: int, model: MoEModel) -> str:
     """The start-up lines (rank 0): engine, layout, precision, model size, batch size, run directory."""
     from msmoe_dist.moe import is_expert_param
@@ -361,8 +374,11 @@ def run(cfg: Config) -> dict:
     config = config_to_dict(cfg)
     data = task.data_fingerprint()
 
+    data_world = data_world_of(resumed, cfg, runtime.world_size)
+
     def meta_at(step: int) -> CheckpointMeta:
         parts = {"metrics": logger.state_dict()} if logger is not None else {}
+        parts["data"] = {"world_size": data_world}
         return CheckpointMeta(step, engine.layout_meta(), config, data, parts)
 
     trainer = Trainer(
@@ -377,6 +393,7 @@ def run(cfg: Config) -> dict:
         meta_at,
         config_to_yaml(cfg),
         recorder_title=cfg.moe.router,
+        data_world=data_world,
     )
     final = trainer.fit(resume_step or 0)
     final.update(

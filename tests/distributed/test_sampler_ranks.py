@@ -1,8 +1,7 @@
-"""data.sampler=sequential on 2 real gloo ranks, drawn as the trainer draws them (global micro-batch
-g = (step * G + m) * world + rank reads window g of data.batch_size lanes): the ranks read consecutive
-windows, one epoch reads every window exactly once, and a restarted run (fresh processes, starting at
-step k) reads the windows the uninterrupted run read; then the trainer itself, checkpointed at step k
-and resumed, reproduces the uninterrupted run's metrics trace.
+"""data.sampler=sequential on 2 real gloo ranks: disjoint per-rank shards, one epoch reads every window
+exactly once, and a restarted run (fresh processes, starting at step k) reads the windows the
+uninterrupted run read; then the trainer itself, checkpointed at step k and resumed, reproduces the
+uninterrupted run's metrics trace.
 
 The stream holds its own positions (stream[i] = i), so a window's tokens say where it was cut.
 """
@@ -17,12 +16,12 @@ import torch.distributed as dist
 
 from msmoe_dist.config.schema import DataConfig
 from msmoe_dist.data import training_batch
-from msmoe_dist.data.batches import global_micro_index, sequential_layout
+from msmoe_dist.data.batches import sequential_layout
 
 WORLD, B, S = 2, 3, 5
-N_TOKENS = WORLD * B * 4 * S + 1 + 13  # B lanes of 8 windows, plus 13 tokens: some are never read
-G = 2  # micro-batches per step (train.grad_accum_steps)
-STEPS = 7  # 14 micro-batches per rank, 28 global ones = 3.5 epochs of 8 windows
+N_TOKENS = WORLD * B * 4 * S + 1 + 13  # 4 windows per lane, plus 13 tokens: some are never read
+G = 2  # micro-batches per step (train.grad_accum_steps): micro-batch index = step * G + m
+STEPS = 7  # 14 micro-batches = 3.5 epochs of 4 windows
 
 
 def _draw(rank: int, world: int, steps: range) -> torch.Tensor:
@@ -32,7 +31,7 @@ def _draw(rank: int, world: int, steps: range) -> torch.Tensor:
     stream = torch.arange(N_TOKENS)
     out = []
     for step in steps:
-        micro = [training_batch(cfg, stream, global_micro_index(step, m, G, rank, world), 0) for m in range(G)]
+        micro = [training_batch(cfg, stream, step * G + m, 0, rank, world) for m in range(G)]
         for x, y in micro:
             assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
         out.append(torch.stack([torch.cat([x, y[:, -1:]], dim=1) for x, y in micro]))
@@ -60,27 +59,27 @@ def _sampler_worker(rank: int, world: int, first_steps: tuple[int, ...]) -> list
 
 def _check_epochs(windows: torch.Tensor) -> None:
     """On rank 0, all ranks' windows of an uninterrupted run from step 0."""
-    lane_len, per_lane = sequential_layout(N_TOKENS, B, S, 1)  # the trainer cuts data.batch_size lanes
-    assert per_lane == 8
-    micro = windows.flatten(1, 2)  # [world, step * G + m, B, S+1]
-    glob = micro.transpose(0, 1).flatten(0, 1)  # [global micro-batch g = (step * G + m) * world + rank, B, S+1]
-    expected_starts = sorted(lane * lane_len + w * S for lane in range(B) for w in range(per_lane))
-    for epoch in range(glob.shape[0] // per_lane):
-        ep = glob[epoch * per_lane : (epoch + 1) * per_lane]  # [per_lane, B, S+1]
-        # (a) global micro-batch g reads window g mod per_lane of every lane: consecutive windows, so
-        # the ranks (g even / odd) never read the same target within an epoch
-        for i in range(per_lane):
-            torch.testing.assert_close(ep[i, :, 0], torch.arange(B) * lane_len + i * S, rtol=0, atol=0)
-        targets = [set(ep[r::WORLD, :, 1:].flatten().tolist()) for r in range(WORLD)]
+    lane_len, per_lane = sequential_layout(N_TOKENS, B, S, WORLD)
+    assert per_lane == 4
+    micro = windows.flatten(1, 2)  # [world, micro-batch index, B, S+1], micro-batch index = step * G + m
+    expected_starts = sorted(lane * lane_len + w * S for lane in range(WORLD * B) for w in range(per_lane))
+    for epoch in range(micro.shape[1] // per_lane):
+        ep = micro[:, epoch * per_lane : (epoch + 1) * per_lane]  # [world, per_lane, B, S+1]
+        targets = [set(ep[r, :, :, 1:].flatten().tolist()) for r in range(WORLD)]
+        # (a) the ranks never read the same target within an epoch: rank r reads only inside its own
+        # contiguous shard, lanes r*B .. r*B+B-1, i.e. positions (r*B*lane_len, (r+1)*B*lane_len]
         assert not targets[0] & targets[1]
+        for r in range(WORLD):
+            assert r * B * lane_len < min(targets[r]) and max(targets[r]) <= (r + 1) * B * lane_len
         # (b) together they cut every window of the stream exactly once, nothing more
         starts = sorted(ep[..., 0].flatten().tolist())
         assert starts == expected_starts
-        assert len(targets[0]) + len(targets[1]) == B * per_lane * S
+        assert len(targets[0]) + len(targets[1]) == WORLD * B * per_lane * S
         if epoch:  # a new epoch re-reads the first one's windows in the same order
-            torch.testing.assert_close(ep, glob[:per_lane], rtol=0, atol=0)
-    # each lane's last lane_len mod S targets and the stream's last (N_TOKENS - 1) mod B tokens are never read
-    assert int(glob.max()) == (B - 1) * lane_len + per_lane * S < N_TOKENS - 1
+            torch.testing.assert_close(ep, micro[:, :per_lane], rtol=0, atol=0)
+    # the last lane's last window ends short of the stream: each lane's lane_len mod S last targets and
+    # the stream's last (N_TOKENS - 1) mod (WORLD * B) tokens are never read
+    assert int(micro.max()) == (WORLD * B - 1) * lane_len + per_lane * S < N_TOKENS - 1
 
 
 def test_two_ranks_disjoint_exact_cover_and_restart_matches(run_distributed):
