@@ -96,7 +96,8 @@ class CheckpointMeta:
                 problems.append(
                     f"{batch} (the data order is defined per micro-batch of data.batch_size, so a resume needs "
                     "the same data.batch_size and the same train.grad_accum_steps x world size; at another world "
-                    "size adjust train.grad_accum_steps, or set train.allow_batch_change=true)"
+                    "size adjust train.grad_accum_steps, or set train.allow_batch_change=true, or start a new run "
+                    f"from its weights: checkpoint.init_from={where})"
                 )
             elif batch:
                 notes.append(

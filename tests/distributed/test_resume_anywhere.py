@@ -6,7 +6,7 @@ Layouts here (chosen for a 2-core CI; docs/resume.md lists them):
   DS(2,1,1)  DeepSpeed, world 2, EP 1, ZeRO 1
 Resumes: DS(2,2,2) step 3 -> N(1) and -> DS(2,1,1); N(1) step 3 -> DS(2,2,2). Each resumed loss trace
 (steps 4-6) equals the uninterrupted one to 1e-5 relative (a layout changes only the order of
-floating-point sums; the two uninterrupted runs agree to the same tolerance). The optimiser moments,
+floating-point sums; the data order is the saving run's, data.batches.data_slot). The optimiser moments,
 master weights and schedule of every parameter, read back from the new layout's engine, equal the
 saved ones exactly.
 """
@@ -145,7 +145,7 @@ def test_resume_across_world_size_ep_zero_and_engine(tmp_path, run_distributed, 
 
     ds, native = _trace(tmp_path / "ds222"), _trace(tmp_path / "native")
     assert sorted(ds) == sorted(native) == list(range(1, 7))
-    _close(native, ds, range(1, 7))  # the two layouts train the same model on the same samples
+    assert ds != native  # runs started at different world sizes read different orders (their data worlds)
     later = range(STEP + 1, 7)
     _close(_trace(tmp_path / "ds222_to_native"), ds, later)
     _close(_trace(tmp_path / "ds222_to_ds211"), ds, later)
