@@ -27,7 +27,9 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     from msmoe_dist.cli import one_line_errors
 
-    parser = argparse.ArgumentParser(prog="msmoe-ckpt", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="msmoe-ckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="step, layout, files, sizes; config differences with --config/overrides")
     p.add_argument("path", help="a run directory or one step_* checkpoint")
