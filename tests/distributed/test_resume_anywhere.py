@@ -42,7 +42,7 @@ def _args(root: Path, run: str, *extra: str) -> list[str]:
         "moe.expert_ffn_dim=32",
         "optim.lr=0.01",
         "optim.warmup_steps=2",
-        "parallel.timeout_s=60",
+        "parallel.timeout_s=120",
         "train.max_steps=6",
         "train.progress=false",
         "train.eval_batches=1",
@@ -138,7 +138,7 @@ def test_resume_across_world_size_ep_zero_and_engine(tmp_path, run_distributed, 
     from msmoe_dist.train.trainer import build_engine, build_initial_model, restore, run
 
     run(load_config(None, _args(tmp_path, "native", *NATIVE)))
-    run_distributed(_ranks, 2, str(tmp_path), timeout_s=240, collective_timeout_s=60)
+    run_distributed(_ranks, 2, str(tmp_path), timeout_s=420, collective_timeout_s=120)
     _fork_at_step(tmp_path, "ds222", "ds222_to_native")
     run(load_config(None, _args(tmp_path, "ds222_to_native", *NATIVE, "train.resume=true")))
     assert "the layout changes: engine=native (checkpoint: deepspeed)" in capfd.readouterr().err
