@@ -6,8 +6,9 @@ ignored or would mix two runs. ``resume_changes`` compares the saved config with
 keys in RESUMABLE may change (the caller lists them in one line); any other difference is refused
 with one CheckpointError that names the keys and says how to start a new run from the weights.
 
-The network (model/moe/momentum, the ViT's arch keys) and the layout (engine, EP degree, ZeRO stage,
-dtype) are compared by CheckpointMeta.check_resume, which says more about them; they are skipped here.
+The network (model/moe/momentum, the ViT's arch keys), the layout (engine, EP degree, ZeRO stage,
+dtype) and the global batch (data.batch_size, train.grad_accum_steps) are compared by
+CheckpointMeta.check_resume, which says more about them; they are skipped here.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ RESUMABLE = (
     "parallel.timeout_s",
     "vision.num_workers",
     "data.path",  # the corpus may move; its vocabulary is checked against the checkpoint's
+    "train.allow_batch_change",
 )
 _NOT_WORTH_SAYING = ("train.resume", "train.auto_resume")  # flip on every resume
-_CHECKED_ELSEWHERE = ("model.", "moe.", "momentum.")  # the network: ModelSpec.mismatches via check_resume
+# the network (ModelSpec.mismatches) and the global batch (micro-batch size, grad_accum_steps x world size),
+# both via check_resume
+_CHECKED_ELSEWHERE = ("model.", "moe.", "momentum.", "data.batch_size", "train.grad_accum_steps")
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -403,6 +403,12 @@ class TrainConfig:
         "its activations, so no all-to-all is repeated. Both engines; any momentum kind, router and dropout.",
         ("none", "block", "selective"),
     )
+    allow_batch_change: bool = opt(
+        False,
+        "On resume, accept a changed global batch (data.batch_size x grad_accum_steps x world size) or "
+        "data.batch_size: training continues at the saved step with the new batch (the data order is then "
+        "that of the new batch). Without it such a resume is refused.",
+    )
 
 
 @dataclass

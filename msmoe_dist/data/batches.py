@@ -13,6 +13,11 @@ before (a different process, batches asked for in another order).
   Lanes overlap by one token so that their targets tile the stream: over one epoch every
   token from index 1 to L*W*seq_len (L lanes) is a target exactly once.
 
+The rank layout of the data is the run's *data world* D (the world size it started with, kept in its
+checkpoints): micro-batch g of data rank d is the ``(g, d)`` above, and :func:`data_slot` maps a rank of
+a resumed run at another world size W (same data.batch_size and grad_accum_steps x world size) onto it,
+so the resumed run reads the samples, forward by forward, the old run would have read.
+
 Streams may hold any integer dtype (the uint16/uint32 memory maps of a prepared corpus);
 only the cut windows are converted to int64, so a memory-mapped stream is never copied whole.
 
@@ -50,6 +55,25 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
 
 def _describe(x) -> str:
     return f"a {x.dim()}-D tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def data_slot(step: int, micro: int, grad_accum: int, rank: int, world: int, data_world: int) -> tuple[int, int]:
+    """(micro-batch index, data rank) that rank ``rank`` of ``world`` reads as micro-batch ``micro`` of ``step``.
+
+    A step reads grad_accum * world forwards; forward j = micro * world + rank of the step is, in the run's
+    data layout of ``data_world`` ranks, micro-batch step * (grad_accum * world / data_world) + j // data_world
+    of data rank j % data_world. With world == data_world this is (step * grad_accum + micro, rank), the
+    order of every run that never changed its world size; it depends on the layout at hand only through
+    grad_accum * world (the forwards per step), which a resume keeps.
+    """
+    per_step = grad_accum * world
+    if per_step % data_world:
+        raise DataError(
+            f"grad_accum_steps x world size = {grad_accum} x {world} is not a multiple of the run's data world "
+            f"size {data_world}; expected the same micro-batches per step as the saved run"
+        )
+    j = micro * world + rank
+    return step * (per_step // data_world) + j // data_world, j % data_world
 
 
 def window_seed(seed: int, step: int, rank: int) -> int:

@@ -23,6 +23,7 @@ from msmoe_dist.parallel import ProcessGroups
 from msmoe_dist.parallel import comm as collective
 from msmoe_dist.train.deepspeed_glue import prepare_for_deepspeed
 from msmoe_dist.train.ds_config import build_ds_config
+from msmoe_dist.train.ds_portable import load_full_state, portable_parts, save_dense
 from msmoe_dist.train.engine import (
     NonFiniteLoss,
     StepResult,
@@ -191,6 +192,10 @@ class DeepSpeedEngine:
                 "not writing this checkpoint; try a lower optim.lr"
             )
         self.engine.save_checkpoint(str(step_dir.parent), tag=step_dir.name, save_latest=False)
+        # The same state by parameter name (ds_portable): what a resume at another layout reads.
+        dense, mine = portable_parts(self)
+        if dense is not None:
+            save_dense(dense, step_dir)
         if self.pg.edp_rank == 0:  # one writer per set of experts
             experts = {n: p.detach().cpu() for n, p in self.model.named_parameters() if is_expert_param(p)}
             torch.save(
@@ -199,6 +204,7 @@ class DeepSpeedEngine:
                     "ep_size": self.pg.layout.ep_size,
                     "num_experts": self.num_experts,
                     "experts": experts,
+                    **(mine or {}),  # "master" (fp32) and "optimizer" (by name) of these experts
                 },
                 step_dir / experts_file(self.pg.ep_rank),
             )
@@ -220,3 +226,7 @@ class DeepSpeedEngine:
             for n, t in shard["experts"].items():
                 params[n].copy_(t)
         set_rng_state(torch_load(step_dir / rank_file(self.rank))["rng"])
+
+    def load_full_state(self, full: dict) -> None:
+        """A checkpoint of another layout, assembled by name (checkpoint.full_state): see ds_portable."""
+        load_full_state(self, full)

@@ -69,6 +69,8 @@ class Engine(Evaluator, Protocol):
 
     def load_files(self, step_dir: Path, meta: CheckpointMeta) -> None: ...
 
+    def load_full_state(self, full: dict) -> None: ...  # a checkpoint of another layout (checkpoint.full_state)
+
 
 def nonfinite_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """1.0 if a parameter is unusable, else 0.0: a 0-d float tensor on the parameters' device, no sync.

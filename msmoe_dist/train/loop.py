@@ -118,11 +118,12 @@ class Trainer:
     meta_at: Callable[[int], CheckpointMeta]  # the metadata a checkpoint at that step gets
     config_yaml: str
     recorder_title: str = ""  # moe.router, for the fluctuation plot
+    data_world: int = 0  # the run's data layout (world size it started with; data.batches.data_slot); 0: this one
 
     def fit(self, start: int) -> dict:
         """Trains from optimiser step `start` to train.max_steps; returns the last scalars and files."""
         engine, task, tc = self.engine, self.task, self.train
-        task.start(start, engine.rank, engine.world_size)
+        task.start(start, engine.rank, engine.world_size, self.data_world)
         bar = _progress(start, tc.max_steps, tc.progress and engine.is_main, self.logging.log_every)
         last_log_time, units_since = time.perf_counter(), 0
         last_ckpt = self.checkpointer.latest()

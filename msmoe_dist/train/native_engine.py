@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from msmoe_dist.checkpoint import CheckpointMeta, torch_load
+from msmoe_dist.checkpoint.full_state import optimizer_param_names
 from msmoe_dist.checkpoint.layout import NATIVE_STATE
 from msmoe_dist.config.schema import OptimConfig, TrainConfig
 from msmoe_dist.eval.evaluator import LocalEvaluator, autocast_ctx
@@ -20,7 +21,7 @@ from msmoe_dist.train.engine import (
     rng_state,
     set_rng_state,
 )
-from msmoe_dist.train.optim import build_optimizer, build_scheduler, param_groups
+from msmoe_dist.train.optim import build_optimizer, build_scheduler, param_groups, restore_schedule
 
 
 class NativeEngine(LocalEvaluator):
@@ -30,7 +31,9 @@ class NativeEngine(LocalEvaluator):
     def __init__(self, model: MoEModel, optim: OptimConfig, train: TrainConfig, device: torch.device):
         super().__init__(model.to(device), device, train.dtype)
         self.model: MoEModel = model
-        self.opt = build_optimizer(param_groups(model, optim.weight_decay), optim)
+        groups = param_groups(model, optim.weight_decay)
+        self.param_names = optimizer_param_names(model, groups)  # optimiser index -> name, saved with the state
+        self.opt = build_optimizer(groups, optim)
         self.sched = build_scheduler(self.opt, optim, train.max_steps)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
@@ -84,6 +87,7 @@ class NativeEngine(LocalEvaluator):
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(),
                 "rng": rng_state(),
+                "param_names": self.param_names,
             },
             step_dir / NATIVE_STATE,
         )
@@ -94,3 +98,15 @@ class NativeEngine(LocalEvaluator):
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+
+    def load_full_state(self, full: dict) -> None:
+        """A checkpoint of another layout (checkpoint.full_state): every weight and buffer, the optimiser
+        state by name, the schedule; the RNG of its rank 0 (the one stream this process has)."""
+        self.model.load_state_dict(full["model"])
+        sd = self.opt.state_dict()
+        index = {n: i for i, n in enumerate(self.param_names)}
+        sd["state"] = {index[n]: dict(st) for n, st in full["optimizer"].items()}
+        self.opt.load_state_dict(sd)  # casts the moments to each parameter's dtype and device
+        restore_schedule(self.sched, full["scheduler"])
+        if 0 in full["rng"]:
+            set_rng_state(full["rng"][0])

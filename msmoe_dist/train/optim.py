@@ -71,3 +71,11 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, max_steps))
+
+
+def restore_schedule(sched, state: dict) -> None:
+    """Loads a LambdaLR state saved under another engine/layout and sets every group's lr from it (a
+    same-layout resume restores the groups' lr with the optimiser state; here the optimiser is rebuilt)."""
+    sched.load_state_dict(state)
+    for group, lr, base in zip(sched.optimizer.param_groups, sched.get_last_lr(), sched.base_lrs, strict=True):
+        group["lr"], group["initial_lr"] = lr, base

@@ -2,8 +2,10 @@
 
 A task loads its data, says how many outputs its model has, builds the model (on one device), hands
 the loop the micro-batches of each step and evaluates through an Evaluator. Batches are a pure
-function of (seed, step, micro-batch, rank), so a resumed run reads exactly what the uninterrupted
-one would have read (mid-epoch included).
+function of (seed, step, micro-batch, rank) in the run's data layout (the world size it started with:
+data.batches.data_slot), so a resumed run reads exactly what the uninterrupted one would have read
+(mid-epoch included), also at another world size with the same micro-batches per step
+(grad_accum_steps x world size) and data.batch_size.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class Task(Protocol):
 
     def data_fingerprint(self) -> dict: ...  # stored in checkpoints: which vocabulary/classes the model knows
 
-    def start(self, start_step: int, rank: int, world: int) -> None: ...
+    def start(self, start_step: int, rank: int, world: int, data_world: int = 0) -> None: ...  # 0: world
 
     def micro_batches(self, step: int) -> tuple[list, int]: ...  # this rank's, and samples on all ranks
 
@@ -119,17 +121,19 @@ class LMTask:
     def data_fingerprint(self) -> dict:
         return {"vocab_size": self.num_outputs(), "vocab_sha256": self.corpus.vocab.sha256()}
 
-    def start(self, start_step: int, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
+    def start(self, start_step: int, rank: int, world: int, data_world: int = 0) -> None:
+        self.rank, self.world, self.data_world = rank, world, data_world or world
 
     def micro_batches(self, step: int) -> tuple[list, int]:
         """The step's micro-batches for this rank, and how many units (tokens) they hold on all ranks."""
         from msmoe_dist.data import training_batch
+        from msmoe_dist.data.batches import data_slot
 
-        d, G = self.data, self.train.grad_accum_steps
-        micro = [
-            training_batch(d, self.train_ids, step * G + m, self.train.seed, self.rank, self.world) for m in range(G)
-        ]
+        d, G, D = self.data, self.train.grad_accum_steps, self.data_world
+        micro = []
+        for m in range(G):
+            index, data_rank = data_slot(step, m, G, self.rank, self.world, D)
+            micro.append(training_batch(d, self.train_ids, index, self.train.seed, data_rank, D))
         return micro, d.batch_size * d.seq_len * G * self.world
 
     def evaluate(self, ev: Evaluator) -> dict:
@@ -180,10 +184,12 @@ class VisionTask:
     def data_fingerprint(self) -> dict:
         return {"num_classes": self.num_outputs(), "classes": list(self.train_set.classes)}
 
-    def start(self, start_step: int, rank: int, world: int) -> None:
+    def start(self, start_step: int, rank: int, world: int, data_world: int = 0) -> None:
         from msmoe_dist.data.images import train_loader
 
-        self.rank, self.world = rank, world
+        # The image order is already layout-free: rank r's micro-batch m of step s reads stream positions
+        # ((s * G + m) * W + r) * B onwards, a function of the step's forward index m * W + r alone.
+        self.rank, self.world, self.data_world = rank, world, data_world or world
         G = self.train.grad_accum_steps
         self.loader = iter(
             train_loader(
@@ -221,8 +227,11 @@ class VisionTask:
                     f"rank {self.rank}: every image of a training batch was unreadable ({batch.num_unreadable} "
                     f"files, e.g. {example}); expected images PIL can decode under {self.train_set.root}"
                 )
-            if v.mixup_alpha > 0:
-                gen = torch.Generator().manual_seed(hash((self.train.seed, step * G + m, self.rank)) % 2**63)
+            if v.mixup_alpha > 0:  # keyed by the forward's slot in the run's data layout (data.batches.data_slot)
+                from msmoe_dist.data.batches import data_slot
+
+                index, data_rank = data_slot(step, m, G, self.rank, self.world, self.data_world)
+                gen = torch.Generator().manual_seed(hash((self.train.seed, index, data_rank)) % 2**63)
                 x, y = mixup(x, y, v.num_classes, v.mixup_alpha, gen)
             micro.append((x, y))
             images += x.shape[0]

@@ -203,19 +203,51 @@ def build_engine(cfg: Config, kind: str, runtime: Runtime, model: MoEModel) -> E
     return DeepSpeedEngine(model, pg, cfg.moe.num_experts, cfg.optim, cfg.train, cfg.parallel, cfg.data.batch_size)
 
 
-def restore(engine: Engine, step_dir: Path, cfg: Config) -> CheckpointMeta:
-    """Checks that the checkpoint fits this run (one error naming every difference: layout, network,
-    then any other setting that may not change on resume), says which allowed settings changed, loads
-    the engine's files, and returns its metadata (the step to continue from, the metrics log's position)."""
+def restore(engine: Engine, step_dir: Path, cfg: Config, world_size: int = 1) -> CheckpointMeta:
+    """Checks that the checkpoint fits this run (one error naming every reason: network, EP degree, global
+    batch, then any other setting that may not change on resume), says which allowed settings changed,
+    loads the state, and returns its metadata (the step to continue from, the metrics log's position).
+
+    Same layout: the engine's own files (``load_files``, bit for bit). Another layout (engine, world size,
+    EP degree, ZeRO stage, dtype): the checkpoint is assembled into one state by parameter name
+    (checkpoint.full_state) and each rank takes its slice (``load_full_state``)."""
     meta = read_meta(step_dir)
-    meta.check_resume(step_dir, engine.layout_meta(), ModelSpec.of(cfg))
+    layout_now = engine.layout_meta()
+    batch_now = {
+        "batch_size": cfg.data.batch_size,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "world_size": world_size,
+    }
+    notes = meta.check_resume(step_dir, layout_now, ModelSpec.of(cfg), batch_now, cfg.train.allow_batch_change)
     changed = resume_changes(step_dir, meta.config, config_to_dict(cfg), arch_keys("vision"))
     if meta.step >= cfg.train.max_steps:
         raise TrainError(f"checkpoint is at step {meta.step}, already >= train.max_steps={cfg.train.max_steps}")
     if changed and engine.is_main:
         logs.info(f"msmoe-train: resuming {step_dir.name} with changed settings: {', '.join(changed)}")
-    engine.load_files(step_dir, meta)
+    if meta.layout_differences(layout_now):
+        from msmoe_dist.checkpoint.full_state import assemble_full_state
+
+        full = assemble_full_state(step_dir, meta, getattr(engine, "param_names", None))
+        engine.load_full_state(full)
+    else:
+        engine.load_files(step_dir, meta)
+    if engine.is_main:
+        for note in notes:
+            logs.info(f"msmoe-train: resuming {step_dir.name}: {note}")
     return meta
+
+
+def data_world_of(resumed: CheckpointMeta | None, cfg: Config, world_size: int) -> int:
+    """The run's data layout (data.batches.data_slot): the world size it started with, kept across resumes
+    at other world sizes so that they read the same samples; a resume with another batch (allowed by
+    train.allow_batch_change) starts the new batch's order, that of this world size."""
+    if resumed is None:
+        return world_size
+    batch_now = {"batch_size": cfg.data.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
+    if resumed.batch_change({**batch_now, "world_size": world_size}):
+        return world_size
+    saved = resumed.parts.get("data", {}).get("world_size")  # absent before issue 17: the saving run's world
+    return int(saved or resumed.layout.get("world_size") or 1)
 
 
 def banner(cfg: Config, kind: str, world_size: int, model: MoEModel) -> str:
@@ -322,7 +354,7 @@ def run(cfg: Config) -> dict:
     resumed = None
     if candidates:
         step_dir = agree_on_checkpoint(engine, candidates, cfg.checkpoint.on_corrupt)
-        resumed = restore(engine, step_dir, cfg)
+        resumed = restore(engine, step_dir, cfg, runtime.world_size)
         if engine.is_main:
             logs.info(f"msmoe-train: resuming from step {resumed.step} ({step_dir})")
     if resumed is None and engine.is_main and cfg.train.overwrite:
@@ -360,8 +392,11 @@ def run(cfg: Config) -> dict:
     config = config_to_dict(cfg)
     data = task.data_fingerprint()
 
+    data_world = data_world_of(resumed, cfg, runtime.world_size)
+
     def meta_at(step: int) -> CheckpointMeta:
         parts = {"metrics": logger.state_dict()} if logger is not None else {}
+        parts["data"] = {"world_size": data_world}
         return CheckpointMeta(step, engine.layout_meta(), config, data, parts)
 
     trainer = Trainer(
@@ -376,6 +411,7 @@ def run(cfg: Config) -> dict:
         meta_at,
         config_to_yaml(cfg),
         recorder_title=cfg.moe.router,
+        data_world=data_world,
     )
     final = trainer.fit(resume_step or 0)
     final.update(

@@ -97,31 +97,47 @@ def test_metadata_keeps_the_flat_on_disk_format(tmp_path):
 
 
 def test_one_check_names_every_difference():
-    cfg = load_config(None, [])
-    saved = CheckpointMeta(
-        4, {**LAYOUT, "engine": "deepspeed", "world_size": 2, "ep_size": 2, "zero_stage": 1}, config_to_dict(cfg)
-    )
+    cfg = load_config(None, ["data.batch_size=4", "train.grad_accum_steps=2"])  # global batch 4 x 2 x 2 = 16
+    ds = {**LAYOUT, "engine": "deepspeed", "world_size": 2, "ep_size": 2, "zero_stage": 1}
+    saved = CheckpointMeta(4, ds, config_to_dict(cfg))
     now = load_config(None, ["moe.num_experts=4", "model.d_model=64"])
+    batch = {"batch_size": 4, "grad_accum_steps": 2, "world_size": 4}  # global batch 16 -> 32
     with pytest.raises(CheckpointError) as err:
         saved.check_resume(
-            Path("step_00000004"),
-            {**LAYOUT, "engine": "deepspeed", "world_size": 4, "ep_size": 2, "zero_stage": 2},
-            ModelSpec.of(now),
+            Path("step_00000004"), {**ds, "world_size": 4, "ep_size": 3, "zero_stage": 2}, ModelSpec.of(now), batch
         )
     msg = str(err.value)
     for needle in (
         "cannot resume step_00000004",
         "moe.num_experts",
         "model.d_model",
-        "world_size=4",
-        "zero_stage=2",
-        "checkpoint.init_from",
+        "parallel.ep_size=3 does not divide moe.num_experts=",
+        "the global batch changes from 16 to 32 samples",
+        "train.allow_batch_change=true",
     ):
         assert needle in msg, (needle, msg)
-    assert "ep_size" not in msg and "\n" not in msg
+    assert "\n" not in msg
+    # another layout with the same global batch (world 4, grad_accum 1 <- world 2, grad_accum 2) is allowed
+    notes = saved.check_resume(
+        Path("s"),
+        {**ds, "world_size": 4, "ep_size": 4, "zero_stage": 2},
+        ModelSpec.of(cfg),
+        {"batch_size": 4, "grad_accum_steps": 1, "world_size": 4},
+    )
+    assert notes == [
+        "the layout changes: world_size=4 (checkpoint: 2), ep_size=4 (checkpoint: 2), zero_stage=2 (checkpoint: 1); "
+        "weights, optimiser state and schedule are re-partitioned"
+    ]
+    # another micro-batch size with the same global batch: refused (the data order is per micro-batch) ...
+    other_micro = {"batch_size": 2, "grad_accum_steps": 4, "world_size": 2}
+    with pytest.raises(CheckpointError, match="data.batch_size 4 -> 2"):
+        saved.check_resume(Path("s"), ds, ModelSpec.of(cfg), other_micro)
+    # ... unless allowed, and then said
+    (note,) = saved.check_resume(Path("s"), ds, ModelSpec.of(cfg), other_micro, allow_batch_change=True)
+    assert "continues at step 4 with the new batch" in note
     # the native engine keeps fp32 weights: its dtype may change; the weights-only check ignores the layout
     native = CheckpointMeta(4, LAYOUT, config_to_dict(cfg))
-    native.check_resume(Path("s"), {**LAYOUT, "dtype": "bf16"}, ModelSpec.of(cfg))
+    assert native.check_resume(Path("s"), {**LAYOUT, "dtype": "bf16"}, ModelSpec.of(cfg)) == []
     saved.check_weights(Path("s"), ModelSpec.of(cfg))
     with pytest.raises(CheckpointError, match="moe.num_experts"):
         saved.check_weights(Path("s"), ModelSpec.of(now))
