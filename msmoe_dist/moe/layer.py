@@ -22,8 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from msmoe_dist.moe.dispatcher import Dispatcher, LocalDispatcher
+from msmoe_dist.moe.drop_renormalize import renormalize_after_drop
+from msmoe_dist.moe.expert_choice import ExpertChoiceRouter, LocalExpertChoiceDispatcher
 from msmoe_dist.moe.experts import Experts
 from msmoe_dist.moe.router import Router
+from msmoe_dist.moe.shared_experts import SharedExperts
 from msmoe_dist.moe.stablemoe import StableMoERouter
 from msmoe_dist.moe.stats import MoEStats, compute_stats
 
@@ -33,14 +36,14 @@ if TYPE_CHECKING:  # the config package imports models, which import this packag
 
 @dataclass(frozen=True)
 class MoEOutput:
-    out: Tensor  # same shape as the input; 0 for a token whose assignments were all dropped
+    out: Tensor  # same shape as the input; 0 (+ shared experts) for a token whose assignments were all dropped
     aux_loss: Tensor  # weighted balance + z loss, a scalar
     stats: MoEStats | None
 
 
 def build_router(
     d_model: int, cfg: MoEConfig, init_std: float = 0.02, vocab_size: int | None = None
-) -> Router | StableMoERouter:
+) -> Router | StableMoERouter | ExpertChoiceRouter:
     """The router that moe.router names (each is a MoERouter); vocab_size: StableMoE's distilled router
     embeds token ids."""
     if cfg.router == "stablemoe":
@@ -49,6 +52,10 @@ def build_router(
         router = Router(d_model, cfg)
         router.reset_parameters(init_std)
         return router
+    if cfg.router == "expert_choice":
+        ec = ExpertChoiceRouter(d_model, cfg)
+        ec.reset_parameters(init_std)
+        return ec
     raise ValueError(f"unknown router {cfg.router!r}")
 
 
@@ -67,11 +74,19 @@ class MoELayer(nn.Module):
         self.d_model = d_model
         self.cfg = cfg
         self.router = build_router(d_model, cfg, init_std, vocab_size)
-        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
+        if dispatcher is None:
+            local = LocalExpertChoiceDispatcher if cfg.router == "expert_choice" else LocalDispatcher
+            dispatcher = local(cfg.num_experts)
+        self.dispatcher: Dispatcher = dispatcher
         self.experts = Experts(self.dispatcher.num_local_experts, d_model, cfg.expert_ffn_dim, cfg.activation, init_std)
         # Chosen once: the fast path, or the per-expert loop kept as the obviously correct reference.
         # Bound to the Experts object, which shard_experts slices in place.
         self._run_experts = self.experts.forward_loop if cfg.expert_impl == "loop" else self.experts.__call__
+        self.shared = None
+        if cfg.num_shared_experts > 0:
+            self.shared = SharedExperts(
+                d_model, cfg.num_shared_experts, cfg.shared_expert_ffn_dim, cfg.activation, init_std
+            )
 
     @property
     def num_local_experts(self) -> int:
@@ -119,9 +134,19 @@ class MoELayer(nn.Module):
         combine_routing = dataclasses.replace(routing, weights_TK=routing.weights_TK.to(x.dtype))
 
         capacity = self.dispatcher.capacity(self.capacity_factor, x_TD.shape[0], self.cfg.top_k, x_TD.device)
+        if capacity is not None and self.cfg.min_capacity:
+            capacity = max(capacity, self.cfg.min_capacity)  # DeepSpeed's floor; the same on every EP rank
+        if self.cfg.renormalize_after_drop:
+            routing_w = renormalize_after_drop(routing, self.cfg.num_experts, capacity)
+            combine_routing = dataclasses.replace(routing, weights_TK=routing_w.weights_TK.to(x.dtype))
         x_RD, tokens_per_expert, state = self.dispatcher.dispatch(x_in_TD, combine_routing, capacity)
+        # Shared experts: this rank's own tokens, while the rows are away (an asynchronous dispatch overlaps them).
+        shared_TD = self.shared(x_TD) if self.shared is not None else None
         y_RD = self._run_experts(x_RD, tokens_per_expert)
         combined = self.dispatcher.combine(y_RD, state)
         # Statistics describe this rank's tokens: under EP, the rows after they came home.
         stats = compute_stats(routing, combined.home, combined.home_rows_RD) if collect_stats else None
-        return MoEOutput(out=combined.out_TD.to(x.dtype).view(x.shape), aux_loss=routing.aux_loss, stats=stats)
+        out_TD = combined.out_TD.to(x.dtype)
+        if shared_TD is not None:
+            out_TD = out_TD + shared_TD.to(x.dtype)
+        return MoEOutput(out=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)

@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per logged step) and TensorBoard scalars (all numbers but a row's `time`)."""
+"""metrics.jsonl (one JSON object per logged step) and TensorBoard scalars (all numbers but a row's `time`, and
+each MoE layer's per-expert load, `moe.layerN.tokens_per_expert`, as one scalar per expert)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ class MetricsLogger:
             for k, v in scalars.items():
                 if k != "time" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k.replace(".", "/"), v, step)
+                elif k.endswith(".tokens_per_expert") and isinstance(v, list):  # per-expert load: one tag each
+                    for e, n in enumerate(v):
+                        self.tb.add_scalar(f"{k.replace('.', '/')}/expert{e}", n, step)
 
     def close(self) -> None:
         self._fh.close()
