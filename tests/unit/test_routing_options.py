@@ -223,6 +223,25 @@ def test_renormalize_after_drop_matches_deepspeed_semantics():
         torch.testing.assert_close(after[t], before[t] / r.weights_TK[t, 1], rtol=1e-5, atol=1e-6)
 
 
+def test_per_expert_load_and_unpicked_reach_metrics_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from msmoe_dist.train.metrics import MetricsLogger
+
+    stats = _layer(router="expert_choice", capacity_factor=0.5)(torch.randn(10, 8), collect_stats=True).stats
+    log = MetricsLogger(tmp_path, tensorboard=True)
+    log.log(1, stats.to_scalars("moe.layer0."))
+    log.close()
+    row = _metrics(tmp_path)[0]
+    assert row["moe.layer0.tokens_per_expert"] == [3, 3, 3, 3] and "moe.layer0.unpicked" in row
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {f"moe/layer0/tokens_per_expert/expert{e}" for e in range(4)} <= tags
+    assert {"moe/layer0/unpicked", "moe/layer0/router_entropy", "moe/layer0/dropped"} <= tags
+    assert [e.value for e in acc.Scalars("moe/layer0/tokens_per_expert/expert2")] == [3.0]
+
+
 def test_min_capacity_floors_the_capacity():
     x = torch.randn(8, 8)
     small = _layer(capacity_factor=0.1)(x, collect_stats=True).stats
