@@ -177,8 +177,11 @@ class MoEConfig:
         "topk: the linear top-k router above (gate, noise, balance/z losses). stablemoe: StableMoE's two-stage "
         "router (arXiv 2204.08396): top-1 against learned expert centroids with a sigmoid gate and distillation "
         "into a token-id router, which alone routes, frozen, from moe.stable_switch_step on. Needs moe.top_k=1 "
-        "and leaves gate, noisy_gating, balance_loss_coef and z_loss_coef unused (non-zero values are refused).",
-        ("topk", "stablemoe"),
+        "and leaves gate, noisy_gating, balance_loss_coef and z_loss_coef unused (non-zero values are refused). "
+        "expert_choice: each expert picks its top ceil(top_k * T / num_experts * capacity_factor) tokens of the "
+        "batch (capacity_factor 0 reads as 1); a token may be picked by 0..num_experts experts (unpicked ones pass "
+        "through the residual and are counted); model.kind=vit only (over a causal LM's batch it leaks the future).",
+        ("topk", "stablemoe", "expert_choice"),
     )
     stable_balance_coef: float = opt(
         0.3, "stablemoe: weight alpha of the StableMoE balance loss in stage 1 (paper: 0.3); >= 0."
@@ -218,6 +221,32 @@ class MoEConfig:
         "rows a rank sends one peer on average (data.batch_size * data.seq_len * moe.top_k / parallel.ep_size "
         "for a language model): a chunk holding no rows still costs a collective. Not part of the network: a "
         "resume may change it.",
+    )
+    balance: str = opt(
+        "loss",
+        "How moe.router=topk balances the experts. loss: only the auxiliary losses above (balance_loss_coef). "
+        "bias: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the routing scores for "
+        "the choice of experts only (never to the combine weights), moves after each optimiser step by "
+        "moe.bias_update_rate * sign(mean load - expert load) over the whole global batch, re-centred to zero "
+        "mean; saved in checkpoints. docs/routing.md.",
+        ("loss", "bias"),
+    )
+    bias_update_rate: float = opt(1e-3, "moe.balance=bias: the step of each expert's bias per optimiser step; >= 0.")
+    num_shared_experts: int = opt(
+        0,
+        "Shared experts: dense FFNs (d_model -> moe.shared_expert_ffn_dim -> d_model, moe.activation) that every "
+        "token goes through, added to the routed output before the momentum update; 0 = none.",
+    )
+    shared_expert_ffn_dim: int = opt(512, "Inner size of each shared expert FFN; > 0.")
+    renormalize_after_drop: bool = opt(
+        False,
+        "softmax_topk + renormalize: rescale a token's gate values over the assignments that survive the capacity "
+        "drops (DeepSpeed's top2gating), instead of over its top-k before the drops (the default). docs/routing.md.",
+    )
+    min_capacity: int = opt(
+        0,
+        "With capacity_factor > 0 (or moe.router=expert_choice): each expert keeps at least this many rows "
+        "(DeepSpeed's min_capacity, 4 or 8 there); 0 = no floor.",
     )
 
 

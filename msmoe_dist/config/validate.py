@@ -236,6 +236,57 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
             ["moe.stable_router_input", "moe.router"],
             "moe.stable_router_input=residual is a moe.router=stablemoe option: expected normed",
         )
+    # ---- moe: balancing without an auxiliary loss, shared experts, expert choice, DeepSpeed semantics
+    non_negative("moe.bias_update_rate")
+    non_negative("moe.num_shared_experts")
+    positive("moe.shared_expert_ffn_dim")
+    non_negative("moe.min_capacity", " (0 = no floor)")
+    router = get("moe.router")
+    if get("moe.balance") == "bias" and router != "topk":
+        fail(
+            ["moe.balance", "moe.router"],
+            f"moe.balance=bias steers the choice of moe.router=topk; moe.router={router} "
+            + (
+                "has its own balance loss (moe.stable_balance_coef)"
+                if router == "stablemoe"
+                else "gives every expert the same number of tokens by construction"
+            )
+            + ": expected moe.balance=loss or moe.router=topk",
+        )
+    if get("moe.renormalize_after_drop") and not get("moe.renormalize"):
+        fail(
+            ["moe.renormalize_after_drop", "moe.renormalize"],
+            "moe.renormalize_after_drop=true changes when moe.renormalize rescales the gate values: expected "
+            "moe.renormalize=true (with moe.gate=softmax_topk)",
+        )
+    if router == "topk" and top_k == 1 and (get("moe.gate") == "topk_softmax" or get("moe.renormalize")):
+        what = "moe.renormalize=true" if get("moe.gate") == "softmax_topk" else "moe.gate=topk_softmax"
+        fail(
+            ["moe.top_k", "moe.gate", "moe.renormalize"],
+            f"moe.top_k=1 with {what} gives every token the weight 1, so the router gets no gradient from "
+            "the task loss: expected moe.gate=softmax_topk (with moe.renormalize=false)",
+        )
+    if router == "expert_choice":
+        if get("moe.overlap_chunks") != 1:
+            fail(
+                ["moe.overlap_chunks", "moe.router"],
+                "moe.router=expert_choice exchanges its rows in one blocking all-to-all (the choice spans the EP "
+                f"group): expected moe.overlap_chunks=1, got {show(get('moe.overlap_chunks'))}",
+            )
+        if get("model.kind") != "vit":
+            fail(
+                ["moe.router", "model.kind"],
+                "moe.router=expert_choice on the causal language model would leak future tokens (each expert "
+                "picks among the whole batch, so position t's routing depends on later positions): expected "
+                "model.kind=vit, or moe.router=topk",
+            )
+        for key in ("moe.balance_loss_coef", "moe.noisy_gating"):
+            if get(key):
+                fail(
+                    ["moe.router", key],
+                    f"{key}={show(get(key))} belongs to moe.router=topk; moe.router=expert_choice gives every "
+                    "expert the same number of tokens by construction: expected 0/false",
+                )
 
     # ---- momentum
     in_range("momentum.mu", 0, 1)
@@ -338,7 +389,7 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
                 "model.kind=vit uses pre-LN ViT blocks: expected "
                 f"model.block_style=pre_ln, got {get('model.block_style')}",
             )
-        if get("moe.router") != "topk":
+        if get("moe.router") == "stablemoe":
             fail(
                 ["moe.router", "model.kind"],
                 "moe.router=stablemoe routes by token id, which images do not have: "

@@ -23,9 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msmoe_dist.moe.dispatcher import Dispatcher, ExpertCompute, LocalDispatcher
+from msmoe_dist.moe.drop_renormalize import renormalize_after_drop
+from msmoe_dist.moe.expert_choice import ExpertChoiceRouter, LocalExpertChoiceDispatcher
 from msmoe_dist.moe.expert_dropout import experts_with_hidden_dropout
 from msmoe_dist.moe.experts import Experts
 from msmoe_dist.moe.router import Router
+from msmoe_dist.moe.shared_experts import SharedExperts
 from msmoe_dist.moe.stablemoe import StableMoERouter
 from msmoe_dist.moe.stats import MoEStats, compute_stats
 
@@ -35,14 +38,14 @@ if TYPE_CHECKING:  # the config package imports models, which import this packag
 
 @dataclass(frozen=True)
 class MoEOutput:
-    out: Tensor  # same shape as the input; 0 for a token whose assignments were all dropped
+    out: Tensor  # same shape as the input; 0 (+ shared experts) for a token whose assignments were all dropped
     aux_loss: Tensor  # weighted balance + z loss, a scalar
     stats: MoEStats | None
 
 
 def build_router(
     d_model: int, cfg: MoEConfig, init_std: float = 0.02, vocab_size: int | None = None
-) -> Router | StableMoERouter:
+) -> Router | StableMoERouter | ExpertChoiceRouter:
     """The router that moe.router names (each is a MoERouter); vocab_size: StableMoE's distilled router
     embeds token ids."""
     if cfg.router == "stablemoe":
@@ -51,6 +54,10 @@ def build_router(
         router = Router(d_model, cfg)
         router.reset_parameters(init_std)
         return router
+    if cfg.router == "expert_choice":
+        ec = ExpertChoiceRouter(d_model, cfg)
+        ec.reset_parameters(init_std)
+        return ec
     raise ValueError(f"unknown router {cfg.router!r}")
 
 
@@ -77,7 +84,10 @@ class MoELayer(nn.Module):
         self.d_model = d_model
         self.cfg = cfg
         self.router = build_router(d_model, cfg, init_std, vocab_size)
-        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
+        if dispatcher is None:
+            local = LocalExpertChoiceDispatcher if cfg.router == "expert_choice" else LocalDispatcher
+            dispatcher = local(cfg.num_experts)
+        self.dispatcher: Dispatcher = dispatcher
         if expert_ids is None:
             expert_ids = range(self.dispatcher.num_local_experts)
         self.experts = Experts(
@@ -93,6 +103,11 @@ class MoELayer(nn.Module):
         # Chosen once: the fast path, or the per-expert loop kept as the obviously correct reference.
         # Bound to the Experts object, which shard_experts slices in place.
         self._run_experts = self.experts.forward_loop if cfg.expert_impl == "loop" else self.experts.__call__
+        self.shared = None
+        if cfg.num_shared_experts > 0:
+            self.shared = SharedExperts(
+                d_model, cfg.num_shared_experts, cfg.shared_expert_ffn_dim, cfg.activation, init_std
+            )
 
     @property
     def num_local_experts(self) -> int:
@@ -177,6 +192,13 @@ class MoELayer(nn.Module):
         combine_routing = dataclasses.replace(routing, weights_TK=routing.weights_TK.to(x.dtype))
 
         capacity = self.dispatcher.capacity(self.capacity_factor, x_TD.shape[0], self.cfg.top_k, x_TD.device)
+        if capacity is not None and self.cfg.min_capacity:
+            capacity = max(capacity, self.cfg.min_capacity)  # DeepSpeed's floor; the same on every EP rank
+        if self.cfg.renormalize_after_drop:
+            routing_w = renormalize_after_drop(routing, self.cfg.num_experts, capacity)
+            combine_routing = dataclasses.replace(routing, weights_TK=routing_w.weights_TK.to(x.dtype))
+        # Shared experts: this rank's own tokens (computed before the exchange; not overlapped with it).
+        shared_TD = self.shared(x_TD) if self.shared is not None else None
         # The dispatcher runs the experts: with moe.overlap_chunks > 1 an expert-parallel one interleaves
         # the all-to-alls with the expert GEMMs (moe/dispatcher.py, parallel/overlap.py).
         experts = ExpertCompute(self._experts_fn(), tuple(self.experts.parameters()))
@@ -185,4 +207,7 @@ class MoELayer(nn.Module):
         )
         # Statistics describe this rank's tokens: under EP, the rows after they came home.
         stats = compute_stats(routing, combined.home, combined.home_rows_RD) if collect_stats else None
-        return MoEOutput(out=combined.out_TD.to(x.dtype).view(x.shape), aux_loss=routing.aux_loss, stats=stats)
+        out_TD = combined.out_TD.to(x.dtype)
+        if shared_TD is not None:
+            out_TD = out_TD + shared_TD.to(x.dtype)
+        return MoEOutput(out=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msmoe_dist.moe.bias_balance import ExpertBias
+
 if TYPE_CHECKING:  # the config package imports models, which import this package
     from msmoe_dist.config.schema import MoEConfig
 
@@ -121,6 +123,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
         # moe.gate_bias: the MomentumSMoE reference's gate is an nn.Linear with a bias.
         self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if getattr(cfg, "gate_bias", False) else None
+        # moe.balance=bias: the selection bias (moe/bias_balance.py); absent otherwise (state dict unchanged).
+        self.expert_bias = ExpertBias(cfg.num_experts, cfg.bias_update_rate) if cfg.balance == "bias" else None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -130,6 +134,12 @@ class Router(nn.Module):
 
     def set_step(self, step: int) -> None:
         """Nothing in top-k routing depends on the step."""
+
+    def _select(self, scores_TE: Tensor) -> tuple[Tensor, Tensor]:
+        """(values, expert ids) of the top-k scores; with moe.balance=bias the ids come from scores + bias."""
+        if self.expert_bias is None:
+            return scores_TE.topk(self.top_k, dim=-1)
+        return self.expert_bias.select(scores_TE, self.top_k)
 
     def forward(self, x_TD: Tensor, token_T: Tensor | None = None) -> Routing:
         """``token_T`` is accepted for the common router signature and not read."""
@@ -146,10 +156,10 @@ class Router(nn.Module):
                 logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std
             probs_TE = torch.softmax(logits_TE, dim=-1)
             if self.gate == "topk_softmax":
-                top_logits_TK, experts_TK = logits_TE.topk(self.top_k, dim=-1)
+                top_logits_TK, experts_TK = self._select(logits_TE)
                 weights_TK = torch.softmax(top_logits_TK, dim=-1)
             else:
-                weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+                weights_TK, experts_TK = self._select(probs_TE)
                 if self.renormalize:
                     weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 

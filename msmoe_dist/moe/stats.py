@@ -27,6 +27,8 @@ class MoEStats:
     load_imbalance: float  # max / mean of routed_per_expert; 1.0 is perfectly balanced
     router_entropy_t: Tensor  # 0-d, on the device: mean over tokens of the entropy of probs_TE, in nats
     expert_out_norm_t: Tensor  # [E], on the device: mean L2 norm of each expert's output rows; 0 if unused
+    unpicked_t: Tensor | None = None  # expert-choice routing: 0-d, this rank's tokens no expert picked
+    num_tokens: int = 0  # this rank's tokens in the forward
 
     @property
     def router_entropy(self) -> float:
@@ -54,6 +56,17 @@ class MoEStats:
             f"{prefix}router_entropy": self.router_entropy,
             f"{prefix}tokens_per_expert": [int(c) for c in self.tokens_per_expert],
             f"{prefix}selection_by_norm": [int(c) for c in self.selection_by_norm],
+            **self._unpicked_scalars(prefix),
+        }
+
+    def _unpicked_scalars(self, prefix: str) -> dict:
+        """Expert-choice routing only: tokens no expert picked (they pass through the residual)."""
+        if self.unpicked_t is None:
+            return {}
+        unpicked = int(self.unpicked_t)  # device-to-host sync (logged steps)
+        return {
+            f"{prefix}unpicked": unpicked,
+            f"{prefix}unpicked_fraction": unpicked / self.num_tokens if self.num_tokens else 0.0,
         }
 
 
@@ -87,4 +100,6 @@ def compute_stats(routing: Routing, state: DispatchState, y_RD: Tensor) -> MoESt
         load_imbalance=float(imbalance),
         router_entropy_t=entropy,
         expert_out_norm_t=out_norm,
+        unpicked_t=getattr(state, "unpicked_t", None),  # set by the expert-choice dispatchers
+        num_tokens=int(state.num_tokens),
     )

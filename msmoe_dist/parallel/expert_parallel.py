@@ -21,6 +21,7 @@ from torch import nn
 from msmoe_dist.moe.layer import MoELayer
 from msmoe_dist.parallel.all_to_all import AllToAllDispatcher
 from msmoe_dist.parallel.comm_stats import CommStats
+from msmoe_dist.parallel.expert_choice_ep import ExpertChoiceAllToAll
 from msmoe_dist.parallel.groups import ProcessGroups
 
 
@@ -38,4 +39,6 @@ def apply_expert_parallel(model: nn.Module, pg: ProcessGroups, comm: CommStats |
         local = layout.local_experts(pg.rank, num_experts)  # LayoutError if ep_size does not divide E
         if layout.ep_size == 1:
             continue
-        layer.shard_experts(local, AllToAllDispatcher(num_experts, pg.ep, layout.ep_size, pg.ep_rank, comm))
+        # moe.router=expert_choice: the experts choose among the EP group's tokens (parallel/expert_choice_ep.py).
+        kind = ExpertChoiceAllToAll if layer.cfg.router == "expert_choice" else AllToAllDispatcher
+        layer.shard_experts(local, kind(num_experts, pg.ep, layout.ep_size, pg.ep_rank, comm))

@@ -19,6 +19,7 @@ from msmoe_dist.checkpoint import CheckpointError, CheckpointMeta, torch_load
 from msmoe_dist.checkpoint.layout import experts_file, rank_file
 from msmoe_dist.config.schema import OptimConfig, ParallelConfig, TrainConfig
 from msmoe_dist.moe import is_expert_param
+from msmoe_dist.moe.bias_balance import update_expert_biases
 from msmoe_dist.parallel import ProcessGroups
 from msmoe_dist.parallel import comm as collective
 from msmoe_dist.train.deepspeed_glue import prepare_for_deepspeed
@@ -38,6 +39,7 @@ from msmoe_dist.train.optim import build_optimizer, build_scheduler, param_group
 SUMS = "all_reduce (loss / evaluation sums)"
 EXPERT_NORM = "all_reduce (expert gradient norm, EP group)"
 PARAMS_FINITE = "all_reduce (are the weights finite? before a checkpoint)"
+BIAS_LOADS = "all_reduce (expert loads of the step, moe.balance=bias)"
 
 
 class DeepSpeedEngine:
@@ -142,6 +144,9 @@ class DeepSpeedEngine:
                 if norm is not None and self.dtype != "fp16" and not math.isfinite(got[3]):
                     raise NonFiniteLoss(f"gradient norm became {got[3]} (loss {got[0] + got[1]:.4g} still finite)")
             self.engine.step()
+        # moe.balance=bias: every rank's counts of every micro-batch of this step, summed over the whole world
+        # (one all-reduce for all layers, only when the model has balancers); every rank moves its biases alike.
+        update_expert_biases(self.model, lambda loads: collective.all_reduce(loads, name=BIAS_LOADS))
         if norm is None:
             g = self.engine.get_global_grad_norm()  # DeepSpeed's (ZeRO 1/2): already computed on its step
             grad_norm = float(g) if g is not None else float("nan")

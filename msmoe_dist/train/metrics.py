@@ -1,5 +1,6 @@
-"""metrics.jsonl (one JSON object per logged step), TensorBoard scalars (all numbers but a row's `time`) and,
-optionally, the same rows in Weights & Biases (train/wandb_log.py)."""
+"""metrics.jsonl (one JSON object per logged step), TensorBoard scalars (all numbers but a row's `time`, and
+each MoE layer's per-expert load, `moe.layerN.tokens_per_expert`, as one scalar per expert) and, optionally,
+the same rows in Weights & Biases (train/wandb_log.py)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ class MetricsLogger:
             for k, v in scalars.items():
                 if k != "time" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k.replace(".", "/"), v, step)
+                elif k.endswith(".tokens_per_expert") and isinstance(v, list):  # per-expert load: one tag each
+                    for e, n in enumerate(v):
+                        self.tb.add_scalar(f"{k.replace('.', '/')}/expert{e}", n, step)
 
     def close(self) -> None:
         self._fh.close()

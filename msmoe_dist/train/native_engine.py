@@ -13,6 +13,7 @@ from msmoe_dist.checkpoint.layout import NATIVE_STATE
 from msmoe_dist.config.schema import OptimConfig, TrainConfig
 from msmoe_dist.eval.evaluator import LocalEvaluator, autocast_ctx
 from msmoe_dist.models.base import MoEModel
+from msmoe_dist.moe.bias_balance import update_expert_biases
 from msmoe_dist.train.engine import (
     NonFiniteLoss,
     StepResult,
@@ -74,6 +75,7 @@ class NativeEngine(LocalEvaluator):
             raise NonFiniteLoss(f"gradient norm became {norm} (loss {ce + aux:.4g} still finite)")
         self.opt.step()
         self.sched.step()
+        update_expert_biases(self.model)  # moe.balance=bias: this step's loads (one process: the global batch)
         return StepResult(ce, aux, norm, stats)
 
     def layout_meta(self) -> dict:

@@ -53,11 +53,11 @@ def test_defaults_without_file_or_overrides():
 
 def test_precedence_defaults_yaml_cli(tmp_path):
     path = write_yaml(tmp_path, {"model": {"num_layers": 6, "d_model": 256}, "optim": {"lr": 3e-4}}, "run.yaml")
-    cfg, sources = load_config_with_sources(path, ["model.num_layers=8", "moe.top_k=1"])
+    cfg, sources = load_config_with_sources(path, ["model.num_layers=8", "moe.top_k=3"])
     assert cfg.model.num_layers == 8  # CLI beats YAML
     assert cfg.model.d_model == 256  # YAML beats default
     assert cfg.optim.lr == pytest.approx(3e-4)
-    assert cfg.moe.top_k == 1  # CLI beats default
+    assert cfg.moe.top_k == 3  # CLI beats default
     assert cfg.model.num_heads == Config().model.num_heads  # untouched default
     assert sources["model.num_layers"] == "command line"
     assert sources["model.d_model"] == path
@@ -102,8 +102,8 @@ def test_numeric_string_on_command_line_is_a_string():
 def test_partial_and_empty_files(tmp_path):
     assert load_config(write_yaml(tmp_path, "", "empty.yaml"), []) == Config()
     assert load_config(write_yaml(tmp_path, "model:\n", "null_section.yaml"), []) == Config()
-    cfg = load_config(write_yaml(tmp_path, {"moe": {"top_k": 1}}, "partial.yaml"), [])
-    assert cfg.moe.top_k == 1 and cfg.moe.num_experts == Config().moe.num_experts
+    cfg = load_config(write_yaml(tmp_path, {"moe": {"top_k": 3}}, "partial.yaml"), [])
+    assert cfg.moe.top_k == 3 and cfg.moe.num_experts == Config().moe.num_experts
 
 
 def test_valid_boundaries_are_accepted():
@@ -463,8 +463,8 @@ def test_config_error_is_value_error_and_one_line():
 
 
 def test_config_from_dict_partial_and_strict():
-    cfg = config_from_dict({"moe": {"num_experts": 4, "top_k": 1}})
-    assert cfg.moe.num_experts == 4 and cfg.moe.top_k == 1
+    cfg = config_from_dict({"moe": {"num_experts": 4, "top_k": 3}})
+    assert cfg.moe.num_experts == 4 and cfg.moe.top_k == 3
     with pytest.raises(ConfigError, match=r"moe\.topk \(ckpt\.pt\).*did you mean 'moe\.top_k'"):
         config_from_dict({"moe": {"topk": 1}}, source="ckpt.pt")
     with pytest.raises(ConfigError, match=r"model\.num_layers \(<dict>\): expected a positive integer"):

@@ -180,7 +180,7 @@ def test_a_missing_section_is_a_mismatch():
 
 
 def test_every_difference_is_listed_in_section_order():
-    saved = config_to_dict(vit("model.num_layers=2", "moe.top_k=1", "momentum.kind=heavy_ball"))
+    saved = config_to_dict(vit("model.num_layers=2", "moe.top_k=3", "momentum.kind=heavy_ball"))
     saved["vision"]["patch_size"] = 16
     found = ModelSpec.of(vit()).mismatches(copy.deepcopy(saved))
     assert [f.split("=")[0] for f in found] == ["model.num_layers", "moe.top_k", "momentum.kind", "vision.patch_size"]
