@@ -71,6 +71,6 @@ def setup_logging(rank: int | None = None, world_size: int | None = None) -> Non
 
 def info(message: str) -> None:
     """A status line on stderr, timestamped (and rank-prefixed when several processes run)."""
-    if not LOGGER.handlers:
+    if not any(isinstance(h, _StderrHandler) for h in LOGGER.handlers):  # others' (pytest's capture) do not count
         setup_logging()
     LOGGER.info(message)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 # The experts' and the dense FFN's activations (models/blocks.py uses these too).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -205,7 +206,10 @@ def expert_seed(base_seed: int, moe_layer: int, expert: int) -> int:
 def draw_base_seed() -> int:
     """One draw from the global torch generator: the base of a model's per-expert seeds. A model draws
     it at a fixed point of its build, so the stream after the build does not depend on the EP degree."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+    # A real draw even while the planner (msmoe_dist.plan) builds the model under FakeTensorMode, where a
+    # tensor's value cannot be read; outside fake mode this is the plain draw.
+    with unset_fake_temporarily():
+        return int(torch.randint(0, 2**62, (1,)).item())
 
 
 class Experts(nn.Module):

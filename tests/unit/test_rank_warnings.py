@@ -14,8 +14,8 @@ STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 @pytest.fixture
 def restore_logging():
     yield
-    logs.LOGGER.handlers.clear()
-    logging.getLogger("py.warnings").handlers.clear()
+    for logger in (logs.LOGGER, logging.getLogger("py.warnings")):  # ours only: pytest adds its own handlers too
+        logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, logs._StderrHandler)]
     logging.captureWarnings(False)
 
 
