@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     from msmoe_dist.bench.gpu_check import add_gpu_check_args
 
     add_gpu_check_args(sub.add_parser("gpu-check", help="one-GPU acceptance checks (launch/gpu_check.sh)"))
+    from msmoe_dist.bench.compare import add_compare_args
+
+    compare_help = "train each momentum variant x seed (x sweep point), compare perplexities; results.md/json, PNGs"
+    add_compare_args(sub.add_parser("compare", help=compare_help))
     return parser
 
 
@@ -117,6 +121,10 @@ def _run_parallel(args) -> dict:
 
 def bench_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        from msmoe_dist.bench.compare import compare_main
+
+        return compare_main(args)
     if args.command == "gpu-check":
         from msmoe_dist.bench.gpu_check import run_gpu_check
 
