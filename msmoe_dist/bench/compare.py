@@ -7,7 +7,8 @@ msmoe-eval's library function (clean and word-attacked perplexity) into ``eval.j
 resumable: a cell with its ``eval.json`` is not repeated, a cell whose final checkpoint exists is only
 evaluated, a cell with an earlier sealed checkpoint continues with ``train.resume=true``, any other
 cell starts afresh. Each cell records what it was asked to run (``request.json``); a cell asked for
-something else is refused before anything runs, never overwritten.
+something else is refused before anything runs, never overwritten. A runner claims a cell before it
+trains it (`claim`), so several runners started on one grid share its cells.
 
 Then `compare_report` writes results.md/results.json (or sweep.md/sweep.json with --sweep) and PNGs.
 """
@@ -202,6 +203,67 @@ def evaluate_cell(run_dir: Path, splits: tuple[str, ...], batches: int, attack_r
     return result
 
 
+LOCK_FILE = ".compare.lock"
+
+
+def claim(run_dir: Path) -> Path | None:
+    """Takes the cell for this process (``run_dir/.compare.lock`` with host and pid, created exclusively), so
+    that several runners started on one grid share its cells; None when a live process on this host holds
+    it. A lock left by a process that is gone is taken over."""
+    import os
+    import platform
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _read_json(path) or {}
+            if holder.get("host") == platform.node() and _alive(holder.get("pid")):
+                return None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"host": platform.node(), "pid": os.getpid()}))
+        return path
+    return None
+
+
+def _alive(pid) -> bool:
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run_cell(config: Path, cell: Cell, run_dir: Path, state: str, args, splits, entry: dict, tag: str, log) -> None:
+    """Trains (or resumes) and evaluates one claimed cell, recording what it did in ``entry``."""
+    if state in ("fresh", "partial"):
+        (run_dir / REQUEST_FILE).write_text(json.dumps(_request(config, cell), indent=1) + "\n")
+        log(f"{tag} {cell.name}: {'resume' if state == 'partial' else 'train'}", flush=True)
+        t0 = time.perf_counter()
+        rc = train_cell(config, cell, run_dir, resume=state == "partial", threads=args.threads)
+        entry["actions"].append("resume" if state == "partial" else "train")
+        entry["train_s"] = round(time.perf_counter() - t0, 1)
+        if rc != 0:
+            log(f"{tag} {cell.name}: msmoe-train exit code {rc} (see {run_dir}/train.log)", flush=True)
+            entry["error"] = f"msmoe-train exit code {rc}"
+            return
+        state = "trained"
+    if state == "trained":
+        log(f"{tag} {cell.name}: evaluate", flush=True)
+        evaluate_cell(run_dir, splits, args.eval_batches, args.attack_rate)
+        entry["actions"].append("eval")
+
+
 def run_grid(args: argparse.Namespace, log=print) -> dict:
     """Runs (or resumes) every cell, then writes the report. Returns {"cells": [...], "report": ...}."""
     from msmoe_dist.config.loader import ConfigError
@@ -241,26 +303,30 @@ def run_grid(args: argparse.Namespace, log=print) -> dict:
         run_dir = out / "runs" / cell.name
         state = cell_state(run_dir, steps[cell.name])
         entry: dict = {"name": cell.name, "state": state, "actions": []}
-        if state in ("fresh", "partial"):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / REQUEST_FILE).write_text(json.dumps(_request(config, cell), indent=1) + "\n")
-            log(f"[{i}/{len(cells)}] {cell.name}: {'resume' if state == 'partial' else 'train'}", flush=True)
-            t0 = time.perf_counter()
-            rc = train_cell(config, cell, run_dir, resume=state == "partial", threads=args.threads)
-            entry["actions"].append("resume" if state == "partial" else "train")
-            entry["train_s"] = round(time.perf_counter() - t0, 1)
-            if rc != 0:
-                log(f"[{i}/{len(cells)}] {cell.name}: msmoe-train exit code {rc} (see {run_dir}/train.log)", flush=True)
-                entry["error"] = f"msmoe-train exit code {rc}"
-                done.append(entry)
-                continue
-            state = "trained"
-        if state == "trained":
-            log(f"[{i}/{len(cells)}] {cell.name}: evaluate", flush=True)
-            evaluate_cell(run_dir, splits, args.eval_batches, args.attack_rate)
-            entry["actions"].append("eval")
-        else:
+        if state == "done":
             log(f"[{i}/{len(cells)}] {cell.name}: done already", flush=True)
+            done.append(entry)
+            continue
+        lock = claim(run_dir)
+        if lock is None:
+            log(f"[{i}/{len(cells)}] {cell.name}: busy in another runner, skipped", flush=True)
+            entry["state"] = "busy"
+            done.append(entry)
+            continue
+        try:
+            _run_cell(
+                config,
+                cell,
+                run_dir,
+                cell_state(run_dir, steps[cell.name]),
+                args,
+                splits,
+                entry,
+                f"[{i}/{len(cells)}]",
+                log,
+            )
+        finally:
+            lock.unlink(missing_ok=True)
         done.append(entry)
     from msmoe_dist.bench.compare_report import write_report
 

@@ -1,4 +1,4 @@
-"""msmoe-bench compare: the statistics (t quantiles, paired intervals) and the command-line checks."""
+"""msmoe-bench compare: the statistics (t quantiles, paired intervals), the command-line checks, cell claims."""
 
 from __future__ import annotations
 
@@ -133,3 +133,21 @@ def test_cli_bad_input_is_one_line_exit_2(cli, tmp_path):
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "unknown variant foo" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_cell_is_claimed_by_one_runner_and_a_stale_claim_is_taken_over(tmp_path):
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    from msmoe_dist.bench.compare import LOCK_FILE, claim
+
+    run = tmp_path / "cell"
+    lock = claim(run)
+    assert lock == run / LOCK_FILE and json.loads(lock.read_text())["pid"] > 0
+    assert claim(run) is None  # held by a live process (this one)
+    lock.unlink()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / LOCK_FILE).write_text(json.dumps({"host": platform.node(), "pid": int(gone.stdout)}))
+    assert claim(run) == run / LOCK_FILE  # its process has exited: taken over
