@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     from msmoe_dist.bench.calibrate import add_calibrate_args
 
     add_calibrate_args(sub.add_parser("calibrate", help="write a cpu-local cluster file for msmoe-plan"))
+
+    from msmoe_dist.bench.compare import add_compare_args
+
+    compare_help = "train each momentum variant x seed (x sweep point), compare perplexities; results.md/json, PNGs"
+    add_compare_args(sub.add_parser("compare", help=compare_help))
     return parser
 
 
@@ -124,6 +129,10 @@ def _run_parallel(args) -> dict:
 
 def bench_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        from msmoe_dist.bench.compare import compare_main
+
+        return compare_main(args)
     if args.command == "gpu-check":
         from msmoe_dist.bench.gpu_check import run_gpu_check
 
