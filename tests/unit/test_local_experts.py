@@ -40,8 +40,8 @@ VIT = [
 ]
 
 
-def _cfg(kind):
-    extra = [f"moe.num_experts={E}", f"moe.expert_ffn_dim={F}", "momentum.kind=heavy_ball"]
+def _cfg(kind, *more):
+    extra = [f"moe.num_experts={E}", f"moe.expert_ffn_dim={F}", "momentum.kind=heavy_ball", *more]
     return load_config(None, (VIT if kind == "vit" else LM) + extra)
 
 
@@ -86,6 +86,24 @@ def test_each_rank_builds_its_slice_of_the_one_process_model(kind):
             assert seen.largest == (E * D * F) // ep, (ep, seen.largest)
             for layer in model.moe_layers():
                 assert layer.experts.expert_ids == local and layer.experts.w1.shape == (E // ep, D, F)
+
+
+@pytest.mark.parametrize(
+    "kind, init", [("lm", "model.init=torch_default"), ("lm", "model.init=fairseq"), ("vit", "model.init=vmoe")]
+)
+def test_reference_initialisers_are_independent_of_the_ep_degree(kind, init):
+    """The reference-exact initialisers re-draw the experts, each from its own generator: a rank's slice and
+    the RNG stream after the build are the one-process model's at every EP degree."""
+    cfg = _cfg(kind, init)
+    ref, ref_rng = _build(cfg)
+    want = ref.state_dict()
+    for ep in (2, 4):
+        local = ParallelLayout(ep, ep).local_experts(ep - 1, E)
+        model, rng = _build(cfg, local)
+        assert torch.equal(rng, ref_rng), f"{init} ep {ep}: the RNG stream after the build depends on the EP degree"
+        for name, t in model.state_dict().items():
+            expect = want[name][local.start : local.stop] if is_expert_key(name) else want[name]
+            assert torch.equal(t, expect), f"{init} ep {ep} {name}"
 
 
 def test_expert_values_depend_on_seed_layer_and_index_only():
