@@ -28,6 +28,7 @@ from pathlib import Path
 
 from msmoe_dist.bench.compare_stats import mean_std, paired_difference, selection_fractions
 from msmoe_dist.io import atomic_write
+from msmoe_dist.plots import read_rows
 
 BASELINE = "none"  # the variant every other one is compared with
 _SEL = re.compile(r"moe\.layer(\d+)\.selection_by_norm")
@@ -44,11 +45,7 @@ def read_cell(run_dir: Path, max_steps: int) -> dict | None:
         return None
     curve: list[list[float]] = []
     selection: dict[int, list[int]] = {}
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    for row in rows:
+    for row in read_rows(run_dir):  # the metrics.jsonl reader msmoe-plot uses (one-line error on a bad line)
         if "val.ppl" in row:
             curve.append([row["step"], row["val.ppl"]])
         if row.get("step", 0) > (1 - SELECTION_TAIL) * max_steps:
