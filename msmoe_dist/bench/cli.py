@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     from msmoe_dist.bench.calibrate import add_calibrate_args
 
     add_calibrate_args(sub.add_parser("calibrate", help="write a cpu-local cluster file for msmoe-plan"))
+    from msmoe_dist.bench.plan_check import add_plan_check_args
+
+    check_help = "msmoe-plan's step time beside real msmoe-train runs at 1, 2, 4 ranks (calibrated here)"
+    add_plan_check_args(sub.add_parser("plan-check", help=check_help))
 
     from msmoe_dist.bench.compare import add_compare_args
 
@@ -137,6 +141,12 @@ def bench_main(argv: list[str] | None = None) -> int:
         from msmoe_dist.bench.gpu_check import run_gpu_check
 
         return run_gpu_check(args)
+    if args.command == "plan-check":
+        from msmoe_dist.bench.plan_check import print_plan_check, run_plan_check
+
+        result = run_plan_check(args)
+        print(json.dumps(result)) if args.json else print_plan_check(result)
+        return 0
     if args.command == "calibrate":
         from msmoe_dist.bench.calibrate import run_calibrate
 

@@ -94,6 +94,7 @@ class Census:
     capacity_rows: int | None = None  # capacity mode under EP: the padded E*C rows each all-to-all moves
     ops: int = 0  # aten operator calls of forward + backward (each one a kernel launch or a CPU dispatch)
     expert_ops: int = 0  # of which in the experts (CPU path: a loop over the local experts)
+    work: dict[str, int] = field(default_factory=dict)  # GEMM FLOPs by size class, RNG elements, bytes (_OpCounter)
 
     @property
     def tokens(self) -> int:
@@ -246,24 +247,89 @@ _EXTRA_FLOPS = {
 }
 
 
+_GEMMS = {"mm", "bmm", "addmm", "addmm_", "baddbmm", "addbmm"}
+_SDPA = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+_RNG = {"bernoulli", "bernoulli_", "native_dropout", "rand", "rand_like", "randn", "randn_like", "uniform_", "normal_"}
+_NO_TRAFFIC = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "lift_fresh",
+    "_unsafe_view",
+}
+
+
+def gemm_bucket(min_dim: int) -> int:
+    """The GEMM size class of a matmul: the largest power of two <= its smallest of m, k, n (1 ... 1024)."""
+    return 1 << max(0, min(10, int(min_dim).bit_length() - 1))
+
+
+def _gemm_work(name: str, args: tuple, out: Any) -> tuple[int, int]:
+    """(FLOPs, smallest of m, k, n) of one matmul call; batched matmuls count each item, the batch not in min."""
+    if name in _SDPA:  # the CPU flash kernel: q, k, v [B, H, S, hd] (forward) or after grad_out (backward)
+        q, k = (args[1], args[2]) if name.endswith("backward") else (args[0], args[1])
+        B, H, S, hd = q.shape
+        Sk = k.shape[-2]
+        flops = 4 * B * H * S * Sk * hd * (2 if name.endswith("backward") else 1)
+        return flops, min(S, Sk, hd)
+    a, b = (args[1], args[2]) if name in ("addmm", "addmm_", "baddbmm", "addbmm") else (args[0], args[1])
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = a.shape[0] if a.dim() == 3 else 1
+    return 2 * batch * m * k * n, min(m, k, n)
+
+
+def _tensor_bytes(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_tensor_bytes(y) for y in x)
+    return 0
+
+
 class _OpCounter(TorchDispatchMode):
-    """Counts the aten calls of forward + backward (the per-operator overhead of eager execution), and
-    separately those of the experts: the CPU path loops over the local experts (a few calls per expert),
-    the CUDA path runs them as one grouped GEMM. In forward the experts module's hooks set ``in_experts``;
-    in backward the autograd node being run tells (the experts' own Function)."""
+    """Counts, per aten call of forward + backward, what it costs to run (the step-time model, plan/step_time.py):
+
+    - every call: one eager dispatch (the per-operator overhead). Separately those of the experts: the CPU path
+      loops over the local experts (a few calls per expert), the CUDA path runs them as one grouped GEMM;
+    - matmuls (mm, bmm, addmm, baddbmm, the CPU flash-attention kernel): FLOPs by GEMM size class (gemm_bucket
+      of the smallest of m, k, n: small matmuls run far below the sustained rate, attention's head dim most);
+    - random-number ops (dropout's bernoulli): elements drawn;
+    - everything else but views and allocations: bytes read and written (the tensors in and out).
+
+    Keys of ``work``: '<part>.gemm<bucket>', '<part>.rng', '<part>.bytes', part 'expert' or 'other'.
+    In forward the experts module's hooks set ``in_experts``; in backward the autograd node being run tells
+    (the experts' own Function)."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
         self.expert_calls = 0
         self.in_experts = False
+        self.work: dict[str, int] = {}
+
+    def _add(self, key: str, n: int) -> None:
+        self.work[key] = self.work.get(key, 0) + int(n)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         self.calls += 1
         node = torch._C._current_autograd_node()
-        if self.in_experts or (node is not None and "SplitFFN" in node.name()):
+        expert = self.in_experts or (node is not None and "SplitFFN" in node.name())
+        if expert:
             self.expert_calls += 1
-        return func(*args, **(kwargs or {}))
+        part = "expert" if expert else "other"
+        name = func.overloadpacket.__name__
+        if name in _GEMMS or name in _SDPA:
+            flops, min_dim = _gemm_work(name, args, out)
+            self._add(f"{part}.gemm{gemm_bucket(min_dim)}", flops)
+        elif name in _RNG:
+            self._add(f"{part}.rng", out[0].numel() if isinstance(out, tuple) else out.numel())
+        elif not func.is_view and name not in _NO_TRAFFIC and func.namespace == "aten" and _tensor_bytes(out):
+            self._add(f"{part}.bytes", _tensor_bytes(list(args)) + _tensor_bytes(out))
+        return out
 
 
 class _SavedTensors:
@@ -387,6 +453,39 @@ def _attributed_flops(fwd_counts: dict[str, dict], bwd_total: int) -> dict[str, 
     return out
 
 
+PROXY_NUMEL = 1024  # elements of each stand-in parameter of the optimiser count
+
+
+def optimizer_work(cfg: Config, model: Any) -> dict[str, int]:
+    """What one step of the real optimiser costs (census._OpCounter), with gradient clipping when the config clips.
+
+    Optimisers read a step count with ``.item()``, which fake tensors cannot, so the real optimiser of
+    ``train.optim.build_optimizer`` runs on real stand-ins: one tensor of PROXY_NUMEL elements per parameter,
+    in the same groups (decay or not). Its calls are those of the real step (they go per tensor); its bytes per
+    element, times the model's parameters, are the real step's bytes. The second step is counted (the first
+    allocates the state). Keys: optim.calls, optim.bytes, optim.params (the parameters those bytes are for)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from msmoe_dist.train.optim import build_optimizer, param_groups
+
+    groups = param_groups(model, cfg.optim.weight_decay)
+    numel = sum(p.numel() for g in groups for p in g["params"])
+    with unset_fake_temporarily():
+        proxies = [{**g, "params": [torch.zeros(PROXY_NUMEL, requires_grad=True) for _ in g["params"]]} for g in groups]
+        flat = [p for g in proxies for p in g["params"]]
+        for p in flat:
+            p.grad = torch.ones_like(p)
+        opt = build_optimizer(proxies, cfg.optim)
+        counter = _OpCounter()
+        for counted in (False, True):
+            with counter if counted else contextlib.nullcontext():
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(flat, cfg.optim.grad_clip)
+                opt.step()
+    bytes_per_element = counter.work.get("other.bytes", 0) / max(len(flat) * PROXY_NUMEL, 1)
+    return {"optim.calls": counter.calls, "optim.bytes": round(bytes_per_element * numel), "optim.params": numel}
+
+
 def take_census(
     cfg: Config, vocab: int, layout: ParallelLayout, micro_batch: int, flash_attention: bool = True
 ) -> Census:
@@ -416,6 +515,7 @@ def take_census(
                 loss = out.loss + out.aux_loss
         with bwd, ops:
             loss.backward()
+        opt_work = optimizer_work(cfg, model)
     flops = _attributed_flops(fwd.get_flop_counts(), sum(bwd.get_flop_counts()["Global"].values()))
     E = cfg.moe.num_experts
     local = len(layout.local_experts(0, E))
@@ -451,6 +551,7 @@ def take_census(
         act_bytes=torch.empty((), dtype=act_dtype).element_size(),
         ops=ops.calls,
         expert_ops=ops.expert_calls,
+        work={**ops.work, **opt_work},
         capacity_rows=(
             sum(census_rows_per_expert(cfg, micro_batch * S, layout))
             if cfg.moe.capacity_factor > 0 and layout.ep_size > 1

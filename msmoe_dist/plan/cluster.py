@@ -7,7 +7,8 @@ collective benchmarks report as algorithm or bus bandwidth), in GB/s (1e9 bytes)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -36,12 +37,32 @@ class Cluster:
     net_allreduce_gbps: float  # the same across nodes
     collective_latency_us: float  # fixed cost of one collective call
     op_overhead_us: float  # eager cost of one operator call (dispatch, kernel launch) that no FLOP count shows
+    # Optional (msmoe-bench calibrate measures them on a CPU):
+    # fraction of sustained_tflops a matmul reaches by its GEMM size class (the smallest of m, k, n: 16, 32, ...);
+    # between classes interpolated in log2, beyond the ends the end value; empty: every matmul at the sustained rate
+    gemm_efficiency: dict = field(default_factory=dict)
+    elementwise_gbps: float = 0.0  # bytes read + written per second by element-wise ops; 0: mem_gbps
+    rng_gelems: float = 0.0  # random numbers drawn per second (dropout masks), in 1e9; 0: as element-wise writes
     sources: str = ""
     notes: str = ""
 
+    def gemm_fraction(self, bucket: int) -> float:
+        """The share of the sustained rate a matmul of this size class runs at (see gemm_efficiency)."""
+        if not self.gemm_efficiency:
+            return 1.0
+        pts = sorted((math.log2(int(k)), float(v)) for k, v in self.gemm_efficiency.items())
+        x = math.log2(max(bucket, 1))
+        if x <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return pts[-1][1]
 
-_REQUIRED = [f.name for f in fields(Cluster) if f.name not in ("sources", "notes")]
-_NONNEGATIVE = ("collective_latency_us", "op_overhead_us")
+
+_OPTIONAL = ("gemm_efficiency", "elementwise_gbps", "rng_gelems", "sources", "notes")
+_REQUIRED = [f.name for f in fields(Cluster) if f.name not in _OPTIONAL]
+_NONNEGATIVE = ("collective_latency_us", "op_overhead_us", "elementwise_gbps", "rng_gelems")
 _POSITIVE = [n for n in _REQUIRED if n not in ("name", "device", *_NONNEGATIVE)]
 
 
@@ -68,6 +89,16 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
         if f.name in ("name", "device", "sources", "notes"):
             if not isinstance(v, str):
                 raise ClusterError(f"{source}: key {f.name!r} must be a string, got {v!r}")
+        elif f.name == "gemm_efficiency":
+            ok = isinstance(v, dict) and all(
+                isinstance(k, int) and k >= 1 and isinstance(x, (int, float)) and 0 < x <= 1 for k, x in v.items()
+            )
+            if not ok:
+                raise ClusterError(
+                    f"{source}: key 'gemm_efficiency' must map GEMM sizes (integers >= 1) to fractions in (0, 1], "
+                    f"got {v!r}"
+                )
+            v = {int(k): float(x) for k, x in v.items()}
         elif f.name == "gpus_per_node":
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ClusterError(f"{source}: key 'gpus_per_node' must be an integer >= 1, got {v!r}")

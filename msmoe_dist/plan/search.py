@@ -2,9 +2,9 @@
 
 The census of the model is taken once per micro-batch size and expert-parallel degree that changes it
 (with a capacity the padded rows depend on ep_size; dropless they do not, and the expert parameters of a
-rank are the census's total * local / E, from ``ParallelLayout.local_experts`` of rank 0). Censuses at
-micro-batch 1 and 2 give every other size by linear extrapolation (every counted quantity is linear in
-the micro-batch for dropless routing; capacity rounding is not, so capacity plans take each size directly).
+rank are the census's total * local / E, from ``ParallelLayout.local_experts`` of rank 0). Each micro-batch
+size is counted, not extrapolated: FLOPs, parameters and saved bytes are linear in it, but the speed of a
+matmul depends on its smallest side, which the micro-batch changes (the experts' rows per expert).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from msmoe_dist.config.schema import Config
 from msmoe_dist.errors import UserError
 from msmoe_dist.parallel.layout import ParallelLayout
-from msmoe_dist.plan.census import BlockSaved, Census, take_census
+from msmoe_dist.plan.census import Census, take_census
 from msmoe_dist.plan.cluster import Cluster
 from msmoe_dist.plan.memory import MODES, Memory, Setting, plan_memory
 from msmoe_dist.plan.step_time import StepTime, plan_step
@@ -57,30 +57,6 @@ def resolve_vocab(cfg: Config, vocab: int | None) -> int:
     )
 
 
-def _lerp(a: int | float, b: int | float, mb: int):
-    return type(a)(a + (b - a) * (mb - 1))
-
-
-def extrapolate(c1: Census, c2: Census, mb: int) -> Census:
-    """The census at micro-batch mb from those at 1 and 2 (dropless: every figure is linear in mb)."""
-    if mb in (1, 2):
-        return c1 if mb == 1 else c2
-    blocks = tuple(
-        BlockSaved(*(_lerp(getattr(x, k), getattr(y, k), mb) for k in BlockSaved.__dataclass_fields__))
-        for x, y in zip(c1.blocks, c2.blocks)
-    )
-    return replace(
-        c1,
-        micro_batch=mb,
-        routed_rows=_lerp(c1.routed_rows, c2.routed_rows, mb),
-        flops={k: _lerp(c1.flops[k], c2.flops[k], mb) for k in c1.flops},
-        blocks=blocks,
-        outside_saved_bytes=_lerp(c1.outside_saved_bytes, c2.outside_saved_bytes, mb),
-        ops=_lerp(c1.ops, c2.ops, mb),
-        expert_ops=_lerp(c1.expert_ops, c2.expert_ops, mb),
-    )
-
-
 class CensusCache:
     """Censuses by (micro-batch, ep_size), built lazily (module docstring)."""
 
@@ -99,7 +75,7 @@ class CensusCache:
         ParallelLayout(ep, ep).check_experts(E)  # LayoutError when ep_size does not divide the experts
         if self.cfg.moe.capacity_factor > 0:
             return self._take(mb, ep)
-        c = extrapolate(self._take(1, 1), self._take(2, 1), mb)
+        c = self._take(mb, 1)
         local = E // ep
         # The CPU experts loop over the local experts: their calls shrink with them.
         ops = c.ops - c.expert_ops + c.expert_ops * local // E

@@ -1,26 +1,33 @@
 """Time of one optimiser step on one rank, from the census FLOPs, the bytes that move, and the cluster.
 
-Per micro-batch (a step runs m = data.batch_size / micro_batch * train.grad_accum_steps of them):
+Per micro-batch (a step runs m = data.batch_size / micro_batch * train.grad_accum_steps of them), from what the
+census counted per aten call of forward + backward (census._OpCounter):
 
-    compute    (FLOPs - expert FLOPs + expert FLOPs * f + recompute) / sustained rate
-               recompute: block checkpointing runs every block's forward again (1/3 of the blocks' FLOPs:
-               a matmul's backward costs twice its forward), selective the forward of attention and the rest
-    memory     bytes saved for backward * 4 / memory bandwidth (element-wise ops: written in forward, read in
-               backward, their gradients written and read)
+    compute    every matmul's FLOPs / (sustained rate * the cluster's efficiency for its GEMM size class: the
+               smallest of m, k, n; a CPU runs attention's head-dim-16 matmuls at a tenth of its large-GEMM rate),
+               the experts' part times f; plus the recomputed forward: block checkpointing runs every block's
+               forward again (1/3 of the blocks' FLOPs: a matmul's backward costs twice its forward), selective
+               the forward of attention and the rest, at the step's average GEMM rate
+    memory     bytes read and written by every other call (views and allocations excepted) / the element-wise
+               bandwidth, plus random numbers drawn (dropout masks) / the cluster's RNG rate; times (1 + the
+               recomputed share) under checkpointing
     overhead   aten calls of forward + backward (counted in the census; on CUDA the experts' per-expert CPU loop
                is replaced by the grouped-GEMM path's ~40 calls per layer) * the cluster's op_overhead_us. On a CPU
                the calls run one after another with the math: compute + memory + overhead. On a GPU the launches
                are asynchronous: max(compute + memory, overhead) (a small model is launch-bound).
-    all-to-all 4 per MoE layer (dispatch and combine, forward and backward; +2 with block checkpointing),
+    all-to-all 4 per MoE layer (dispatch and combine, forward and backward; +2 with block checkpointing; dropless
+               under EP one more per forward for the counts),
                each moving T*K*D*b*f bytes per rank; the share (ep - g) / ep with g = ranks of the EP group on
                the same node goes over the network, the rest over NVLink, both at once: time = max of the two
                + latency. ep_size 1 moves nothing.
 Per step:
     gradients  dense: 2 (N-1)/N * P_d * w bytes over the data-parallel group (all-reduce, or reduce-scatter +
                all-gather of the updated weights with ZeRO 1/2: the same bytes); experts the same over their
-               EDP group. A group inside one node uses the NVLink rate, one spanning nodes the network rate.
-    optimiser  Adam reads and writes params, grads and moments of this rank's partition: 28 bytes per
-               parameter held (fp32) / memory bandwidth.
+               EDP group. A group inside one node uses the NVLink rate, one spanning nodes the network rate. Plus
+               the latency of the step's small all-reduces (STEP_COLLECTIVES) on more than one rank.
+    optimiser  over this rank's partition (and the gradient clipping): on a GPU a fused Adam, 28 bytes per
+               parameter held / memory bandwidth; on a CPU the real optimiser's step as counted by the census
+               (bytes per parameter / element-wise bandwidth + its calls * op_overhead_us).
 Two totals: no overlap (sum: what msmoe_dist does, its all-to-all is blocking and DeepSpeed's overlap_comm is
 off by default) and full overlap (communication hidden behind compute: max), the best any overlap could do.
 f is the imbalance: the slowest rank has f times the mean rows (dropless); capacity pads to E*C rows exactly.
@@ -32,8 +39,9 @@ from dataclasses import asdict, dataclass
 
 from msmoe_dist.plan.census import Census
 from msmoe_dist.plan.cluster import Cluster
-from msmoe_dist.plan.memory import Setting, activation_bytes, weight_bytes
+from msmoe_dist.plan.memory import Setting, weight_bytes
 
+STEP_COLLECTIVES = 4  # train/loop.py's stop flag, ds_engine's SUMS and EXPERT_NORM, DeepSpeed's gradient norm
 GROUPED_EXPERT_OPS = 40  # Experts._forward_grouped_mm: 13 calls forward, about twice that in backward
 
 
@@ -86,6 +94,47 @@ def a2a_seconds(nbytes: float, ep_size: int, cluster: Cluster) -> float:
     return max(t_nvlink, t_net) + 1e-6 * cluster.collective_latency_us
 
 
+def gemm_seconds(work: dict[str, int], cluster: Cluster, f: float) -> tuple[float, float]:
+    """(seconds, FLOPs) of the counted matmuls, each size class at its share of the sustained rate; experts' x f."""
+    secs = flops = 0.0
+    for key, n in work.items():
+        part, _, kind = key.partition(".")
+        if part != "optim" and kind.startswith("gemm"):
+            scale = f if part == "expert" else 1.0
+            rate = 1e12 * cluster.sustained_tflops * cluster.gemm_fraction(int(kind[4:]))
+            secs += scale * n / rate
+            flops += scale * n
+    return secs, flops
+
+
+def elementwise_seconds(work: dict[str, int], cluster: Cluster, f: float) -> float:
+    """Seconds of the counted element-wise traffic and random numbers (experts' part x f)."""
+    bw = 1e9 * (cluster.elementwise_gbps or cluster.mem_gbps)
+    secs = 0.0
+    for key, n in work.items():
+        part, _, kind = key.partition(".")
+        scale = f if part == "expert" else 1.0
+        if part == "optim":
+            continue
+        if kind == "bytes":
+            secs += scale * n / bw
+        elif kind == "rng":
+            secs += scale * (n / (1e9 * cluster.rng_gelems) if cluster.rng_gelems else 4 * n / bw)
+    return secs
+
+
+def optimizer_seconds(work: dict[str, int], held: float, cluster: Cluster) -> float:
+    """One optimiser step over the `held` parameters of this rank. On a GPU, a fused Adam: 28 bytes per parameter
+    (read params, grads and two moments, write params and moments) at the memory bandwidth. On a CPU, the counted
+    real step (census.optimizer_work: its bytes per parameter at the element-wise bandwidth, its calls at the
+    per-call overhead), which runs tensor by tensor."""
+    if cluster.device == "cuda" or not work.get("optim.params"):
+        return 28 * held / (1e9 * cluster.mem_gbps)
+    bw = 1e9 * (cluster.elementwise_gbps or cluster.mem_gbps)
+    per_param = work["optim.bytes"] / work["optim.params"]
+    return per_param * held / bw + work["optim.calls"] * 1e-6 * cluster.op_overhead_us
+
+
 def plan_step(c: Census, s: Setting, cluster: Cluster, batch_size: int, grad_accum: int) -> StepTime:
     m = batch_size // s.micro_batch * grad_accum
     f = s.imbalance if c.capacity_rows is None else 1.0
@@ -97,18 +146,16 @@ def plan_step(c: Census, s: Setting, cluster: Cluster, batch_size: int, grad_acc
     elif s.checkpointing == "selective":
         recompute = (fl["attention"] + fl["block_other"]) / 3
     flops = c.total_flops + fl["expert"] * (f - 1) + recompute
-    compute = flops / (1e12 * cluster.sustained_tflops)
-    memory_ops = 4 * activation_bytes(c, "none", f) / (1e9 * cluster.mem_gbps)
-    ops = c.ops
-    if cluster.device == "cuda":  # the experts run as one grouped GEMM per layer: ~40 calls forward + backward
-        ops = c.ops - c.expert_ops + GROUPED_EXPERT_OPS * c.num_moe_layers
-    overhead = ops * (1.5 if s.checkpointing != "none" else 1.0) * 1e-6 * cluster.op_overhead_us
-    if cluster.device == "cpu":
-        memory_ops += overhead
-    else:
-        memory_ops += max(0.0, overhead - compute - memory_ops)
+    gemm_s, gemm_flops = gemm_seconds(c.work, cluster, f)
+    if gemm_flops:  # the recomputed forward at the step's average GEMM rate
+        compute = gemm_s * (1 + recompute / gemm_flops)
+    else:  # a census without per-call work (none in this package): every FLOP at the sustained rate
+        compute = flops / (1e12 * cluster.sustained_tflops)
+    memory_ops = elementwise_seconds(c.work, cluster, f) * (1 + recompute / max(c.total_flops, 1))
     rows = c.capacity_rows if c.capacity_rows is not None else c.tokens * c.top_k * f
     calls = 4 + (2 if s.checkpointing == "block" else 0)
+    if c.capacity_rows is None and s.ep_size > 1:  # dropless: the counts go first, once per forward
+        calls += 2 if s.checkpointing == "block" else 1
     a2a = c.num_moe_layers * calls * a2a_seconds(rows * c.d_model * c.act_bytes, s.ep_size, cluster)
     w = weight_bytes(s)
     grad = 0.0
@@ -116,8 +163,10 @@ def plan_step(c: Census, s: Setting, cluster: Cluster, batch_size: int, grad_acc
         if size > 1 and params:
             grad += 2 * (size - 1) / size * params * w / _group_rate(cluster, size, stride)
             grad += 2e-6 * cluster.collective_latency_us
+    if s.world > 1:  # the step's small all-reduces (stop flag, loss sums, expert and DeepSpeed gradient norms)
+        grad += STEP_COLLECTIVES * 1e-6 * cluster.collective_latency_us
     held = c.dense_params / (s.dp if s.zero_stage else 1) + c.expert_params_rank / (s.edp if s.zero_stage else 1)
-    optimizer = 28 * held / (1e9 * cluster.mem_gbps)
+    optimizer = optimizer_seconds(c.work, held, cluster)
     return StepTime(
         compute=m * compute,
         memory_ops=m * memory_ops,

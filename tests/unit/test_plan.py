@@ -14,7 +14,7 @@ from msmoe_dist.parallel.layout import ParallelLayout
 from msmoe_dist.plan.census import take_census
 from msmoe_dist.plan.cli import main
 from msmoe_dist.plan.memory import Setting, model_state_bytes
-from msmoe_dist.plan.search import CensusCache, extrapolate
+from msmoe_dist.plan.search import CensusCache
 from msmoe_dist.train.optim import build_optimizer, param_groups
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -88,10 +88,20 @@ def test_saved_activations_equal_the_real_forward(overrides):
 
 
 def test_census_is_linear_in_the_micro_batch():
+    """FLOPs, saved bytes, rows and calls grow linearly with the micro-batch; parameters do not change."""
     cfg = load_config(QUICKSTART, ["model.num_layers=2"])
     layout = ParallelLayout(1, 1)
     c1, c2, c4 = (take_census(cfg, 200, layout, mb) for mb in (1, 2, 4))
-    assert extrapolate(c1, c2, 4) == c4
+
+    def lerp(a, b):  # the value at micro-batch 4 from those at 1 and 2
+        return a + 3 * (b - a)
+
+    assert {k: lerp(c1.flops[k], c2.flops[k]) for k in c1.flops} == c4.flops
+    assert lerp(c1.saved_bytes, c2.saved_bytes) == c4.saved_bytes
+    assert lerp(c1.routed_rows, c2.routed_rows) == c4.routed_rows and lerp(c1.ops, c2.ops) == c4.ops
+    assert (c1.dense_params, c1.expert_params_rank) == (c4.dense_params, c4.expert_params_rank)
+    total_gemm = [sum(v for k, v in c.work.items() if ".gemm" in k) for c in (c1, c2, c4)]
+    assert lerp(total_gemm[0], total_gemm[1]) == total_gemm[2]
 
 
 def test_capacity_rows_are_the_padded_all_to_all_under_ep():
