@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check_help = "msmoe-plan's step time beside real msmoe-train runs at 1, 2, 4 ranks (calibrated here)"
     add_plan_check_args(sub.add_parser("plan-check", help=check_help))
+    from msmoe_dist.bench.plan_scale import add_plan_scale_args
+
+    scale_help = "msmoe-plan's best configuration and each EP degree's step at 8 ... 1,024 GPUs"
+    add_plan_scale_args(sub.add_parser("plan-scale", help=scale_help))
 
     from msmoe_dist.bench.compare import add_compare_args
 
@@ -141,6 +145,13 @@ def bench_main(argv: list[str] | None = None) -> int:
         from msmoe_dist.bench.gpu_check import run_gpu_check
 
         return run_gpu_check(args)
+    if args.command == "plan-scale":
+        from msmoe_dist.bench.plan_scale import run_plan_scale
+
+        print(f"plan-scale {args.config} {' '.join(args.overrides)} on {args.cluster}", flush=True)
+        for line in run_plan_scale(args):
+            print(line, flush=True)
+        return 0
     if args.command == "plan-check":
         from msmoe_dist.bench.plan_check import print_plan_check, run_plan_check
 

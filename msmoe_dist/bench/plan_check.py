@@ -26,6 +26,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from msmoe_dist.errors import UserError
+
+
+class PlanCheckError(UserError):
+    """A bad command line, or a run or plan that failed (one line, exit 2)."""
+
 
 def add_plan_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training config YAML (a language model)")
@@ -64,7 +70,7 @@ def _measure(args: argparse.Namespace, out: Path, ranks: int) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise SystemExit(f"msmoe-bench plan-check: the {ranks}-rank run failed: {' | '.join(tail)}")
+        raise PlanCheckError(f"the {ranks}-rank run failed: {' | '.join(tail)}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
     cfg = json.loads(json.dumps(_load(args, ranks)))
@@ -96,7 +102,7 @@ def _predict(args: argparse.Namespace, cluster: Path, ranks: int) -> dict:
         cmd += ["--zero-stage", str(cfg["zero_stage"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode:
-        raise SystemExit(f"msmoe-bench plan-check: msmoe-plan failed: {proc.stderr.strip()}")
+        raise PlanCheckError(f"msmoe-plan failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout)["best"]["step_s"]
 
 
@@ -105,11 +111,15 @@ def run_plan_check(args: argparse.Namespace) -> dict:
 
     try:
         ranks = [int(r) for r in args.ranks.split(",")]
+        if min(ranks) < 1 or args.steps <= 2 * args.log_every:
+            raise ValueError
     except ValueError:
-        msg = f"msmoe-bench plan-check: --ranks must be comma-separated integers, got {args.ranks!r}"
-        raise SystemExit(msg) from None
+        raise PlanCheckError(
+            f"--ranks must be comma-separated integers >= 1 (got {args.ranks!r}) and --steps more than twice "
+            f"--log-every (got {args.steps}, {args.log_every}): the first logged window is not measured"
+        ) from None
     if not Path(args.config).is_file():
-        raise SystemExit(f"msmoe-bench plan-check: --config {args.config}: no such file")
+        raise PlanCheckError(f"--config {args.config}: no such file")
     _load(args, 1)  # a bad override fails here, before anything runs
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)

@@ -282,8 +282,12 @@ def _gemm_work(name: str, args: tuple, out: Any) -> tuple[int, int]:
 
 
 def _tensor_bytes(x: Any) -> int:
+    """Bytes a call reads or writes of x: a broadcast (stride-0) dimension is read once, not once per index."""
     if isinstance(x, Tensor):
-        return x.numel() * x.element_size()
+        n = 1
+        for size, stride in zip(x.shape, x.stride()):
+            n *= size if stride else 1
+        return n * x.element_size()
     if isinstance(x, (list, tuple)):
         return sum(_tensor_bytes(y) for y in x)
     return 0
