@@ -92,6 +92,8 @@ class Census:
     outside_saved_bytes: int  # embeddings, final norm, output layer
     act_bytes: int = field(default=0)  # element size of the activations (the compute dtype)
     capacity_rows: int | None = None  # capacity mode under EP: the padded E*C rows each all-to-all moves
+    kind: str = "lm"  # model.kind: lm (seq_len tokens per sequence, vocab outputs per token) or vit (seq_len
+    # patch tokens per image, vocab = classes, one prediction per image)
     ops: int = 0  # aten operator calls of forward + backward (each one a kernel launch or a CPU dispatch)
     expert_ops: int = 0  # of which in the experts (CPU path: a loop over the local experts)
     work: dict[str, int] = field(default_factory=dict)  # GEMM FLOPs by size class, RNG elements, bytes (_OpCounter)
@@ -416,10 +418,16 @@ def build_census_model(
     if flash_attention:
         for block in model.blocks:
             block.attn.dropout = 0.0  # the CPU flash kernel (what fake tensors run) has no dropout
-    if cfg.model.output_layer == "adaptive":
+    if cfg.model.kind == "lm" and cfg.model.output_layer == "adaptive":
         model.head.forward = _adaptive_forward(model.head, vocab)
     model.train()
     return model
+
+
+def vit_tokens(cfg: Config) -> int:
+    """Tokens of one image in the V-MoE: its patches, and the class token when vision.pooling=cls."""
+    v = cfg.vision
+    return (v.image_size // v.patch_size) ** 2 + (1 if v.pooling == "cls" else 0)
 
 
 def _backward_of(ops: dict) -> int:
@@ -496,14 +504,20 @@ def take_census(
     """Build rank 0's model on fake tensors and count it (module docstring)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    S = cfg.data.seq_len
+    vit = cfg.model.kind == "vit"
+    S = vit_tokens(cfg) if vit else cfg.data.seq_len
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = build_census_model(cfg, vocab, layout, micro_batch, flash_attention)
         params = {id(p): p for p in model.parameters() if p.requires_grad}
         dense = [p for p in params.values() if not is_expert_param(p)]
         expert = [p for p in params.values() if is_expert_param(p)]
-        idx = torch.zeros(micro_batch, S, dtype=torch.long)
-        tgt = torch.zeros(micro_batch, S, dtype=torch.long)
+        if vit:  # images and their class ids
+            side = cfg.vision.image_size
+            idx = torch.zeros(micro_batch, 3, side, side, dtype=DTYPES[cfg.train.dtype])
+            tgt = torch.zeros(micro_batch, vocab)  # one-hot rows (as mixup gives): one_hot cannot run on fakes
+        else:
+            idx = torch.zeros(micro_batch, S, dtype=torch.long)
+            tgt = torch.zeros(micro_batch, S, dtype=torch.long)
         saved = _SavedTensors(set(params))
         inputs: dict[int, int] = {}
         fwd = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
@@ -536,6 +550,7 @@ def take_census(
     return Census(
         micro_batch=micro_batch,
         seq_len=S,
+        kind=cfg.model.kind,
         vocab=vocab,
         dtype=cfg.train.dtype,
         num_experts=E,

@@ -59,8 +59,6 @@ def _plan(args) -> dict:
     if args.imbalance < 1:
         raise PlanError(f"--imbalance must be >= 1 (busiest rank / mean), got {args.imbalance}")
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.kind != "lm":
-        raise PlanError(f"msmoe-plan plans language models (model.kind=lm), got model.kind={cfg.model.kind}")
     ep = args.ep_size
     check_degrees(args.gpus, cluster.gpus_per_node, ep, cfg.moe.num_experts)
     vocab = resolve_vocab(cfg, args.vocab)

@@ -147,6 +147,8 @@ def a2a_buffer_bytes(c: Census, s: Setting) -> int:
 
 
 def output_transient_bytes(c: Census, s: Setting, output_layer: str, chunk_tokens: int) -> int:
+    if c.kind == "vit":  # one [B, classes] fp32 logit row and its gradient per image
+        return 2 * c.micro_batch * c.vocab * 4
     N, V = c.tokens, c.vocab
     if output_layer == "full":
         return 2 * N * V * 4

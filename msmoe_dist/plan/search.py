@@ -44,6 +44,8 @@ def resolve_vocab(cfg: Config, vocab: int | None) -> int:
     for prepared word-level data; anything else must be given."""
     if vocab:
         return vocab
+    if cfg.model.kind == "vit":  # the classifier's outputs play the vocabulary's part
+        return cfg.vision.num_classes
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
     meta = Path(cfg.data.path) / "meta.json"
@@ -100,7 +102,7 @@ def evaluate(cache: CensusCache, cfg: Config, cluster: Cluster, setting: Setting
     mem = plan_memory(c, setting, cfg.model.output_layer, cfg.model.output_chunk_tokens)
     t = plan_step(c, setting, cluster, cfg.data.batch_size, cfg.train.grad_accum_steps)
     budget = cluster.gpu_memory_gib * cluster.usable_memory_fraction * GIB
-    tokens = setting.world * cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps
+    tokens = setting.world * cfg.data.batch_size * c.seq_len * cfg.train.grad_accum_steps  # ViT: patch tokens
     tps = tokens / t.serial
     mfu = t.flops_per_step / t.serial / (1e12 * cluster.peak_tflops)
     return Candidate(setting, mem, t, mem.peak <= budget, tps, mfu)

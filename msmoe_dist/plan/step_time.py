@@ -135,6 +135,17 @@ def optimizer_seconds(work: dict[str, int], held: float, cluster: Cluster) -> fl
     return per_param * held / bw + work["optim.calls"] * 1e-6 * cluster.op_overhead_us
 
 
+def overhead_seconds(c: Census, s: Setting, cluster: Cluster, math_s: float) -> float:
+    """The eager per-call cost not hidden behind the math (math_s: compute + element-wise seconds). On CUDA the
+    experts run as one grouped GEMM per layer (~40 calls forward + backward) and launches are asynchronous, so
+    only what exceeds the math counts; on a CPU every call adds to it."""
+    ops = c.ops
+    if cluster.device == "cuda":
+        ops = c.ops - c.expert_ops + GROUPED_EXPERT_OPS * c.num_moe_layers
+    overhead = ops * (1.5 if s.checkpointing != "none" else 1.0) * 1e-6 * cluster.op_overhead_us
+    return overhead if cluster.device == "cpu" else max(0.0, overhead - math_s)
+
+
 def plan_step(c: Census, s: Setting, cluster: Cluster, batch_size: int, grad_accum: int) -> StepTime:
     m = batch_size // s.micro_batch * grad_accum
     f = s.imbalance if c.capacity_rows is None else 1.0
@@ -152,6 +163,7 @@ def plan_step(c: Census, s: Setting, cluster: Cluster, batch_size: int, grad_acc
     else:  # a census without per-call work (none in this package): every FLOP at the sustained rate
         compute = flops / (1e12 * cluster.sustained_tflops)
     memory_ops = elementwise_seconds(c.work, cluster, f) * (1 + recompute / max(c.total_flops, 1))
+    memory_ops += overhead_seconds(c, s, cluster, compute + memory_ops)
     rows = c.capacity_rows if c.capacity_rows is not None else c.tokens * c.top_k * f
     calls = 4 + (2 if s.checkpointing == "block" else 0)
     if c.capacity_rows is None and s.ep_size > 1:  # dropless: the counts go first, once per forward

@@ -47,6 +47,7 @@ def _real_state_bytes(cfg, vocab: int, layout: ParallelLayout, rank: int) -> int
         (SMALL, 267_735, [], 2),
         (QUICKSTART, 500, ["moe.num_experts=16", "optim.name=sgd"], 4),
         (QUICKSTART, 500, ["moe.num_experts=16", "momentum.learnable=per_layer"], 2),
+        ("configs/imagenet/tiny_synthetic.yaml", 10, [], 2),  # a V-MoE (vocab: its classes)
     ],
 )
 def test_predicted_model_state_bytes_equal_the_real_ones(path, vocab, overrides, ep_size):

@@ -18,7 +18,8 @@ from msmoe_dist.models.build import build_model
 from msmoe_dist.parallel.layout import ParallelLayout
 from msmoe_dist.plan.census import _OpCounter, gemm_bucket, take_census
 from msmoe_dist.plan.cluster import load_cluster
-from msmoe_dist.plan.step_time import elementwise_seconds, gemm_seconds, optimizer_seconds
+from msmoe_dist.plan.memory import Setting
+from msmoe_dist.plan.step_time import elementwise_seconds, gemm_seconds, optimizer_seconds, overhead_seconds, plan_step
 from msmoe_dist.train.optim import build_optimizer, param_groups
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -83,6 +84,20 @@ def test_rates_turn_counts_into_seconds_by_hand():
     cpu = replace(c, device="cpu", op_overhead_us=10.0)
     assert optimizer_seconds(opt, 0.5e9, cpu) == pytest.approx(80 * 0.5e9 / 8e9 + 1000 * 10e-6)
     assert optimizer_seconds(opt, 0.5e9, c) == pytest.approx(28 * 0.5e9 / (1e9 * c.mem_gbps))  # fused on GPU
+
+
+def test_per_call_overhead_adds_on_a_cpu_and_hides_behind_the_math_on_a_gpu():
+    cfg = load_config(QUICKSTART, ["model.num_layers=1"])
+    c = take_census(cfg, 200, ParallelLayout(1, 1), 1)
+    s = Setting(1, 1, 0, 1, "none", "fp32", "native", cfg.optim.name)
+    cpu, gpu = _cluster(device="cpu", op_overhead_us=10.0), _cluster(op_overhead_us=10.0)
+    assert overhead_seconds(c, s, cpu, 123.0) == pytest.approx(c.ops * 10e-6)
+    grouped = c.ops - c.expert_ops + 40 * c.num_moe_layers  # the GPU runs each layer's experts as one grouped GEMM
+    assert c.expert_ops > 40 and overhead_seconds(c, s, gpu, 0.0) == pytest.approx(grouped * 10e-6)
+    assert overhead_seconds(c, s, gpu, 1.0) == 0.0  # asynchronous launches hide behind a second of math
+    without = plan_step(c, s, replace(cpu, op_overhead_us=0.0), cfg.data.batch_size, 1)
+    with_it = plan_step(c, s, cpu, cfg.data.batch_size, 1)
+    assert with_it.memory_ops - without.memory_ops == pytest.approx(cfg.data.batch_size * c.ops * 10e-6)
 
 
 def test_plan_check_runs_the_real_trainer_and_the_planner(cli, tmp_path):
