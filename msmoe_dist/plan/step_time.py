@@ -4,7 +4,7 @@ Per micro-batch (a step runs m = data.batch_size / micro_batch * train.grad_accu
 census counted per aten call of forward + backward (census._OpCounter):
 
     compute    every matmul's FLOPs / (sustained rate * the cluster's efficiency for its GEMM size class: the
-               smallest of m, k, n; a CPU runs attention's head-dim-16 matmuls at a tenth of its large-GEMM rate),
+               smallest of m, k, n; this CPU runs head-dim-16 matmuls at a quarter to a third of its large-GEMM rate),
                the experts' part times f; plus the recomputed forward: block checkpointing runs every block's
                forward again (1/3 of the blocks' FLOPs: a matmul's backward costs twice its forward), selective
                the forward of attention and the rest, at the step's average GEMM rate
