@@ -73,7 +73,7 @@ def _measure(args: argparse.Namespace, out: Path, ranks: int) -> dict:
         raise PlanCheckError(f"the {ranks}-rank run failed: {' | '.join(tail)}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
-    cfg = json.loads(json.dumps(_load(args, ranks)))
+    cfg = _load(args, ranks)
     tokens = ranks * cfg["batch_size"] * cfg["seq_len"] * cfg["grad_accum"]
     return {"step_s": tokens / statistics.median(rates), "windows": len(rates), "run_dir": str(run_dir)}
 
