@@ -28,7 +28,12 @@ def experts_with_hidden_dropout(experts: Experts, x_RD: Tensor, tokens_per_exper
     starts = [0]
     for n in counts:
         starts.append(starts[-1] + n)
+    # unbind, not w1[e]: one select per expert would give each expert's weight gradient its own
+    # zero-filled [E, D, F] buffer, summed into the next (E^2 D F bytes a step); unbind's backward
+    # stacks the E slices into one.
+    w1_e, b1_e, w2_e, b2_e = w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
+    spans = list(zip(starts, starts[1:]))
     with torch.autocast(device_type=x_RD.device.type, enabled=False):
-        h_RF = torch.cat([x[s:t] @ w1[e] + b1[e] for e, (s, t) in enumerate(zip(starts, starts[1:]))])
+        h_RF = torch.cat([torch.addmm(b1_e[e], x[s:t], w1_e[e]) for e, (s, t) in enumerate(spans)])
         a_RF = F.dropout(act(h_RF), p, training=True)
-        return torch.cat([a_RF[s:t] @ w2[e] + b2[e] for e, (s, t) in enumerate(zip(starts, starts[1:]))])
+        return torch.cat([torch.addmm(b2_e[e], a_RF[s:t], w2_e[e]) for e, (s, t) in enumerate(spans)])

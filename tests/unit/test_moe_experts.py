@@ -138,3 +138,40 @@ def test_keep_experts_slices_every_tensor_and_keeps_the_tag():
     for bad in (range(0, 3), range(2, 2), range(0, 2, 2)):
         with pytest.raises(ValueError):
             ex.keep_experts(bad)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [2, 2, 2, 2]])
+def test_dropout_chain_equals_loop_and_writes_each_weight_grad_once(counts):
+    """The per-expert chain with dropout (moe.expert_dropout) against the loop at p = 0, and its
+    backward must not build one full [E, D, F] gradient buffer per expert (select's backward per
+    expert and E - 1 adds: E^2 D F bytes a step, once 36 % of this path's time)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from msmoe_dist.moe.expert_dropout import experts_with_hidden_dropout
+
+    class FullWeightOutputs(TorchDispatchMode):
+        def __init__(self, shapes):
+            super().__init__()
+            self.shapes, self.count = shapes, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and isinstance(out, torch.Tensor) and tuple(out.shape) in self.shapes:
+                self.count += 1
+            return out
+
+    ex = make_experts()
+    R = sum(counts)
+    x = torch.randn(R, 8, requires_grad=True)
+    g = torch.randn(R, 8)
+    y_ref, grads_ref = grads_of(ex, x, counts, g, ex.forward_loop)
+    y = experts_with_hidden_dropout(ex, x, counts, 0.0)
+    for p in (x, *ex.parameters()):
+        p.grad = None
+    watch = FullWeightOutputs({tuple(ex.w1.shape), tuple(ex.w2.shape)})
+    with watch:
+        y.backward(g)
+    torch.testing.assert_close(y.detach(), y_ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(["x", "w1", "b1", "w2", "b2"], [t.grad for t in (x, ex.w1, ex.b1, ex.w2, ex.b2)], grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    assert watch.count <= 2, f"{watch.count} full-size weight-gradient tensors built (one per weight expected)"
