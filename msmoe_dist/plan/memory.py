@@ -8,11 +8,11 @@ as DeepSpeed's ZeRO partitions MoE parameter groups):
     native (one process), any     4        4                8 + 4 per tensor (step)     (bf16: autocast)
     deepspeed fp32, ZeRO 0        4        4                8                           -
     deepspeed bf16/fp16, ZeRO 0   2        2 + 4 (fp32)     12 (fp32 master, m, v)      -
-    deepspeed, ZeRO 1             w        w                (4 + 8) / N                 -
+    deepspeed, ZeRO 1             w        w                (4 + 8) / N                 reduce bucket
     deepspeed, ZeRO 2             w        w / N            (4 + 8) / N                 reduce bucket
-(w = 2 for bf16/fp16, 4 for fp32; ZeRO 1/2 keep an fp32 master partition even for fp32 weights; the ZeRO 2
+(w = 2 for bf16/fp16, 4 for fp32; ZeRO 1/2 keep an fp32 master partition even for fp32 weights; the ZeRO 1/2
 reduce bucket is DeepSpeed's default reduce_bucket_size, 5e8 elements of w bytes, which msmoe_dist does
-not change. SGD keeps one momentum buffer of 4 bytes instead of Adam's 8.)
+not change (zero_bucket_bytes). SGD keeps one momentum buffer of 4 bytes instead of Adam's 8.)
 
 Activations (bytes saved for backward, from the census of the real model, per micro-batch):
 
@@ -98,6 +98,8 @@ def model_state_bytes(c: Census, s: Setting) -> tuple[int, int, int]:
         step = 0 if s.optimizer == "sgd" else 4 * tensors  # torch Adam's 0-d float32 step per parameter tensor
         return 4 * P, 4 * P, moments * P + step
     w = weight_bytes(s)
+    # Adam's 0-d float32 step count: one per tensor it steps (ZeRO 0: each parameter; ZeRO 1/2: each flat group)
+    steps = 0 if s.optimizer == "sgd" else 4 * (tensors if s.zero_stage == 0 else c.work.get("optim.groups", 0))
 
     def part(n: int, group: int) -> tuple[float, float, float]:
         if s.zero_stage == 0:
@@ -109,7 +111,7 @@ def model_state_bytes(c: Census, s: Setting) -> tuple[int, int, int]:
 
     d = part(c.dense_params, s.dp)
     e = part(c.expert_params_rank, s.edp)
-    return int(d[0] + e[0]), int(d[1] + e[1]), int(d[2] + e[2])
+    return int(d[0] + e[0]), int(d[1] + e[1]), int(d[2] + e[2]) + steps
 
 
 def activation_bytes(c: Census, mode: str, imbalance: float = 1.0) -> int:
@@ -158,12 +160,21 @@ def output_transient_bytes(c: Census, s: Setting, output_layer: str, chunk_token
     return 0  # adaptive: its logits are saved (census), the tails are small
 
 
-def plan_memory(c: Census, s: Setting, output_layer: str, chunk_tokens: int) -> Memory:
+def zero_bucket_bytes(c: Census, s: Setting, device: str = "cuda") -> int:
+    """DeepSpeed ZeRO 1 and 2 (contiguous_gradients, which msmoe_dist sets) allocate a reduce bucket of
+    reduce_bucket_size elements of the gradient dtype (= w: DeepSpeed's grad_accum_dtype defaults to the
+    weights' dtype) once a step, whatever the model's size (stage_1_and_2.py setup_buckets). A GPU's caching
+    allocator holds all of it; a CPU commits only the pages written: this rank's gradients."""
+    if s.engine != "deepspeed" or s.zero_stage == 0:
+        return 0
+    full = DS_REDUCE_BUCKET * weight_bytes(s)
+    return min(full, (c.dense_params + c.expert_params_rank) * weight_bytes(s)) if device == "cpu" else full
+
+
+def plan_memory(c: Census, s: Setting, output_layer: str, chunk_tokens: int, device: str = "cuda") -> Memory:
     params, grads, optim = model_state_bytes(c, s)
     acts = activation_bytes(c, s.checkpointing, s.imbalance)
     f = s.imbalance if c.capacity_rows is None else 1.0
     block_ws = max((b.moe_row_bytes * f + b.moe_token_bytes + b.rest_bytes for b in c.blocks), default=0)
     transient = max(int(block_ws), output_transient_bytes(c, s, output_layer, chunk_tokens))
-    bucket = DS_REDUCE_BUCKET * weight_bytes(s) if s.engine == "deepspeed" and s.zero_stage == 2 else 0
-    bucket = min(bucket, (c.dense_params + c.expert_params_rank) * weight_bytes(s))
-    return Memory(params, grads, optim, acts, a2a_buffer_bytes(c, s), transient, bucket)
+    return Memory(params, grads, optim, acts, a2a_buffer_bytes(c, s), transient, zero_bucket_bytes(c, s, device))

@@ -82,7 +82,7 @@ def print_plan(cands: list[Candidate], census: Census, cluster: Cluster, world: 
         ("activations", m.activations),
         ("all-to-all buffers", m.a2a_buffers),
         ("transient (bwd/logits)", m.transient),
-        ("ZeRO-2 reduce bucket", m.zero_bucket),
+        ("ZeRO 1/2 reduce bucket", m.zero_bucket),
         ("peak", m.peak),
     ):
         print(f"  {name:<24}{_gib(val)}")

@@ -99,7 +99,7 @@ def engine_of(cfg: Config, world: int) -> str:
 
 def evaluate(cache: CensusCache, cfg: Config, cluster: Cluster, setting: Setting) -> Candidate:
     c = cache.get(setting.micro_batch, setting.ep_size)
-    mem = plan_memory(c, setting, cfg.model.output_layer, cfg.model.output_chunk_tokens)
+    mem = plan_memory(c, setting, cfg.model.output_layer, cfg.model.output_chunk_tokens, cluster.device)
     t = plan_step(c, setting, cluster, cfg.data.batch_size, cfg.train.grad_accum_steps)
     budget = cluster.gpu_memory_gib * cluster.usable_memory_fraction * GIB
     tokens = setting.world * cfg.data.batch_size * c.seq_len * cfg.train.grad_accum_steps  # ViT: patch tokens

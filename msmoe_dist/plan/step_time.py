@@ -27,7 +27,8 @@ Per step:
                the latency of the step's small all-reduces (STEP_COLLECTIVES) on more than one rank.
     optimiser  over this rank's partition (and the gradient clipping): on a GPU a fused Adam, 28 bytes per
                parameter held / memory bandwidth; on a CPU the real optimiser's step as counted by the census
-               (bytes per parameter / element-wise bandwidth + its calls * op_overhead_us).
+               (bytes per parameter / element-wise bandwidth + its calls * op_overhead_us). Under DeepSpeed, plus
+               its own work (DEEPSPEED_STEP_WORK: bytes per parameter of the rank, calls per parameter tensor).
 Two totals: no overlap (sum: what msmoe_dist does, its all-to-all is blocking and DeepSpeed's overlap_comm is
 off by default) and full overlap (communication hidden behind compute: max), the best any overlap could do.
 f is the imbalance: the slowest rank has f times the mean rows (dropless); capacity pads to E*C rows exactly.
@@ -43,6 +44,14 @@ from msmoe_dist.plan.memory import Setting, weight_bytes
 
 STEP_COLLECTIVES = 4  # train/loop.py's stop flag, ds_engine's SUMS and EXPERT_NORM, DeepSpeed's gradient norm
 GROUPED_EXPERT_OPS = 40  # Experts._forward_grouped_mm: 13 calls forward, about twice that in backward
+# DeepSpeed's own work in a step, by ZeRO stage: (bytes per parameter this rank holds, calls per parameter
+# tensor). Gradients copied into its reduce bucket, averaged, the partition flattened, clipped, the fp32 master
+# copied back into the weights, its hooks: what a step costs beyond forward + backward and an Adam over the
+# partition. Counted by bench/deepspeed_work.py (census._OpCounter) on DeepSpeed 0.19, fp32, quickstart and
+# WikiText-103 small at 2 ranks (1 rank: ZeRO 0 12, ZeRO 1 72-80, ZeRO 2 68-76 bytes):
+#   ZeRO 0: 19.7-21.0 bytes, 15.6 calls; ZeRO 1: 66.1-72.6, 18.9-19.3; ZeRO 2: 58.2-65.9, 15.2-16.0.
+# Used as counted for bf16/fp16 too (their 2-byte gradient copies move fewer bytes: an upper bound there).
+DEEPSPEED_STEP_WORK = {0: (20, 16), 1: (70, 19), 2: (62, 16)}
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,18 @@ def optimizer_seconds(work: dict[str, int], held: float, cluster: Cluster) -> fl
     return per_param * held / bw + work["optim.calls"] * 1e-6 * cluster.op_overhead_us
 
 
+def deepspeed_seconds(c: Census, zero_stage: int, cluster: Cluster) -> float:
+    """DeepSpeed's own per-step work (DEEPSPEED_STEP_WORK) on this rank: its bytes at the element-wise bandwidth
+    (a GPU's memory bandwidth), its calls at the per-call overhead on a CPU (a GPU overlaps those launches)."""
+    per_param, per_tensor = DEEPSPEED_STEP_WORK[zero_stage]
+    gbps = (cluster.elementwise_gbps or cluster.mem_gbps) if cluster.device == "cpu" else cluster.mem_gbps
+    bw = 1e9 * gbps
+    seconds = per_param * (c.dense_params + c.expert_params_rank) / bw
+    if cluster.device == "cpu":
+        seconds += per_tensor * (c.dense_tensors + c.expert_tensors) * 1e-6 * cluster.op_overhead_us
+    return seconds
+
+
 def overhead_seconds(c: Census, s: Setting, cluster: Cluster, math_s: float) -> float:
     """The eager per-call cost not hidden behind the math (math_s: compute + element-wise seconds). On CUDA the
     experts run as one grouped GEMM per layer (~40 calls forward + backward) and launches are asynchronous, so
@@ -179,6 +200,8 @@ def plan_step(c: Census, s: Setting, cluster: Cluster, batch_size: int, grad_acc
         grad += STEP_COLLECTIVES * 1e-6 * cluster.collective_latency_us
     held = c.dense_params / (s.dp if s.zero_stage else 1) + c.expert_params_rank / (s.edp if s.zero_stage else 1)
     optimizer = optimizer_seconds(c.work, held, cluster)
+    if s.engine == "deepspeed":
+        optimizer += deepspeed_seconds(c, s.zero_stage, cluster)
     return StepTime(
         compute=m * compute,
         memory_ops=m * memory_ops,

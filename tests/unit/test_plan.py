@@ -13,7 +13,7 @@ from msmoe_dist.moe import MoELayer
 from msmoe_dist.parallel.layout import ParallelLayout
 from msmoe_dist.plan.census import take_census
 from msmoe_dist.plan.cli import main
-from msmoe_dist.plan.memory import Setting, model_state_bytes
+from msmoe_dist.plan.memory import DS_REDUCE_BUCKET, Setting, model_state_bytes, zero_bucket_bytes
 from msmoe_dist.plan.search import CensusCache
 from msmoe_dist.train.optim import build_optimizer, param_groups
 
@@ -206,3 +206,17 @@ def test_calibrate_writes_a_cluster_file_the_planner_uses(tmp_path, capsys):
     assert cluster.sustained_tflops == figures["gemm_tflops"] and cluster.net_a2a_gbps == figures["a2a_gbps"]
     code, _, err = _run(capsys, "--config", QUICKSTART, "--vocab", "500", "--gpus", "2", "--cluster", str(out))
     assert code == 0, err
+
+
+@pytest.mark.parametrize("dtype, w", [("fp32", 4), ("bf16", 2)])
+def test_zero_1_and_2_hold_deepspeeds_whole_reduce_bucket_on_a_gpu(dtype, w):
+    """DeepSpeed allocates reduce_bucket_size elements of the gradient dtype at ZeRO 1 as at ZeRO 2
+    (stage_1_and_2.py setup_buckets, with contiguous_gradients), whatever the model's size; a CPU commits
+    only the pages its gradients write."""
+    c = take_census(load_config(QUICKSTART, ["model.num_layers=1"]), 200, ParallelLayout(2, 2), 1)
+    rank_params = c.dense_params + c.expert_params_rank
+    for stage, expected in ((0, 0), (1, DS_REDUCE_BUCKET * w), (2, DS_REDUCE_BUCKET * w)):
+        s = Setting(2, 2, stage, 1, "none", dtype, "deepspeed", "adamw")
+        assert zero_bucket_bytes(c, s) == expected
+        assert zero_bucket_bytes(c, s, "cpu") == min(expected, rank_params * w)
+    assert zero_bucket_bytes(c, Setting(1, 1, 0, 1, "none", dtype, "native", "adamw")) == 0

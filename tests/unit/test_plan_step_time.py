@@ -19,7 +19,14 @@ from msmoe_dist.parallel.layout import ParallelLayout
 from msmoe_dist.plan.census import _OpCounter, gemm_bucket, take_census
 from msmoe_dist.plan.cluster import load_cluster
 from msmoe_dist.plan.memory import Setting
-from msmoe_dist.plan.step_time import elementwise_seconds, gemm_seconds, optimizer_seconds, overhead_seconds, plan_step
+from msmoe_dist.plan.step_time import (
+    DEEPSPEED_STEP_WORK,
+    elementwise_seconds,
+    gemm_seconds,
+    optimizer_seconds,
+    overhead_seconds,
+    plan_step,
+)
 from msmoe_dist.train.optim import build_optimizer, param_groups
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -98,6 +105,25 @@ def test_per_call_overhead_adds_on_a_cpu_and_hides_behind_the_math_on_a_gpu():
     without = plan_step(c, s, replace(cpu, op_overhead_us=0.0), cfg.data.batch_size, 1)
     with_it = plan_step(c, s, cpu, cfg.data.batch_size, 1)
     assert with_it.memory_ops - without.memory_ops == pytest.approx(cfg.data.batch_size * c.ops * 10e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_deepspeed_adds_its_own_step_work_by_hand(stage):
+    """Under DeepSpeed the optimiser part grows by DEEPSPEED_STEP_WORK (tests/distributed/test_deepspeed_step_work.py
+    counts it on real engines): its bytes per parameter of the rank, and on a CPU its calls per parameter tensor."""
+    cfg = load_config(QUICKSTART, ["model.num_layers=1"])
+    c = take_census(cfg, 200, ParallelLayout(2, 2), 1)
+    cpu, gpu = _cluster(device="cpu", op_overhead_us=10.0, elementwise_gbps=8.0), _cluster(op_overhead_us=10.0)
+    per_param, per_tensor = DEEPSPEED_STEP_WORK[stage]
+    params, tensors = c.dense_params + c.expert_params_rank, c.dense_tensors + c.expert_tensors
+    for cluster, expected in (
+        (cpu, per_param * params / 8e9 + per_tensor * tensors * 10e-6),
+        (gpu, per_param * params / (1e9 * gpu.mem_gbps)),  # a GPU overlaps the launches
+    ):
+        ds = plan_step(c, Setting(2, 2, stage, 1, "none", "fp32", "deepspeed", cfg.optim.name), cluster, 4, 1)
+        # the same partition without DeepSpeed's work: its optimiser step alone
+        held = c.dense_params / (2 if stage else 1) + c.expert_params_rank
+        assert ds.optimizer - optimizer_seconds(c.work, held, cluster) == pytest.approx(expected)
 
 
 def test_plan_check_runs_the_real_trainer_and_the_planner(cli, tmp_path):
