@@ -10,9 +10,10 @@ DeepSpeed's own work: copying gradients into its reduce bucket, averaging them, 
 clipping, copying the fp32 master back into the weights, and its hooks. Rank 0 prints it per parameter this
 rank holds and per parameter tensor. plan/step_time.DEEPSPEED_STEP_WORK holds the figures this gave.
 
-It also reports what the engine holds after the step, exactly (unique storages): ``param_bytes`` (the weights;
+It also reports what the engine holds, exactly (unique storages): after the step ``param_bytes`` (the weights;
 under ZeRO 1/2 views of DeepSpeed's flat buffers) and ``optimizer_bytes`` (the inner optimiser's state plus
-ZeRO's fp32 master partitions), which plan/memory.model_state_bytes predicts.
+ZeRO's fp32 master partitions); after one more backward ``grad_bytes`` (ZeRO 0: every ``.grad``; ZeRO 1/2 the
+partition's gradients it keeps), which plan/memory.model_state_bytes predicts.
 """
 
 from __future__ import annotations
@@ -72,7 +73,21 @@ def count_step_work(config: str, zero_stage: int, overrides: list[str], run_dir:
             objective(module(x, y)).backward()
 
     module = engine.engine.module
+    zero = engine.engine.optimizer
     step = count(lambda: engine.train_step(micro, False))
+    # The gradients it keeps after a backward (ZeRO 1/2: its partition's, in averaged_gradients; ZeRO 0: .grad),
+    # then the step finished.
+    for x, y in micro[:1]:
+        engine.engine.backward(objective(engine.engine(x, y)))
+    kept = [p.grad for p in module.parameters() if p.grad is not None]
+    for grads in (getattr(zero, "averaged_gradients", None) or {}).values():
+        kept += list(grads or [])
+    grad_bytes = _storage_bytes(kept)
+    engine.engine.step()
+    # The plain forward + backward without DeepSpeed's gradient hooks (ZeRO 1/2 reduce from them): the engine is
+    # not used after this.
+    for hook in getattr(zero, "_grad_acc_hooks", []):
+        hook.remove()
     fwd_bwd = count(forward_backward)
     params = [p for p in module.parameters() if p.requires_grad]
     dense = sum(p.numel() for p in params if not is_expert_param(p))
@@ -89,9 +104,13 @@ def count_step_work(config: str, zero_stage: int, overrides: list[str], run_dir:
 
     adam()
     adam_work = count(adam)
-    zero = engine.engine.optimizer
     inner = getattr(zero, "optimizer", zero)
     state = [t for st in inner.state.values() for t in st.values()]
+    held_state = {
+        "param_bytes": _storage_bytes(params),
+        "optimizer_bytes": _storage_bytes(state + list(getattr(zero, "single_partition_of_fp32_groups", []))),
+    }
+    held_state["grad_bytes"] = grad_bytes
     extra_bytes = step[0] - fwd_bwd[0] - adam_work[0]
     extra_calls = step[1] - fwd_bwd[1] - adam_work[1]
     return {
@@ -104,8 +123,7 @@ def count_step_work(config: str, zero_stage: int, overrides: list[str], run_dir:
         "extra_calls": extra_calls,
         "bytes_per_param": extra_bytes / (dense + expert),
         "calls_per_tensor": extra_calls / len(params),
-        "param_bytes": _storage_bytes(params),
-        "optimizer_bytes": _storage_bytes(state + list(getattr(zero, "single_partition_of_fp32_groups", []))),
+        **held_state,
     }
 
 

@@ -97,6 +97,9 @@ class Census:
     ops: int = 0  # aten operator calls of forward + backward (each one a kernel launch or a CPU dispatch)
     expert_ops: int = 0  # of which in the experts (CPU path: a loop over the local experts)
     work: dict[str, int] = field(default_factory=dict)  # GEMM FLOPs by size class, RNG elements, bytes (_OpCounter)
+    # the optimiser's parameter groups as training builds them (train/optim.param_groups): (experts?, the numel of
+    # each of this rank's tensors, in order), which DeepSpeed's ZeRO flattens and partitions group by group
+    param_groups: tuple[tuple[bool, tuple[int, ...]], ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -510,6 +513,8 @@ def take_census(
     """Build rank 0's model on fake tensors and count it (module docstring)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from msmoe_dist.train.optim import param_groups
+
     vit = cfg.model.kind == "vit"
     S = vit_tokens(cfg) if vit else cfg.data.seq_len
     with FakeTensorMode(allow_non_fake_inputs=False):
@@ -540,6 +545,11 @@ def take_census(
         with bwd, ops:
             loss.backward()
         opt_work = optimizer_work(cfg, model)
+        groups = tuple(
+            (bool(g["moe"]), tuple(p.numel() for p in g["params"]))
+            for g in param_groups(model, cfg.optim.weight_decay)
+            if g["params"]
+        )
     flops = _attributed_flops(fwd.get_flop_counts(), sum(bwd.get_flop_counts()["Global"].values()))
     E = cfg.moe.num_experts
     local = len(layout.local_experts(0, E))
@@ -569,6 +579,7 @@ def take_census(
         expert_params_total=sum(p.numel() for p in expert) * E // local,
         dense_tensors=len(dense),
         expert_tensors=len(expert),
+        param_groups=groups,
         routed_rows=sum(census_rows_per_expert(cfg, micro_batch * S, layout)),
         flops=flops,
         blocks=blocks,

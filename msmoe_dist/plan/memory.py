@@ -8,11 +8,14 @@ as DeepSpeed's ZeRO partitions MoE parameter groups):
     native (one process), any     4        4                8 + 4 per tensor (step)     (bf16: autocast)
     deepspeed fp32, ZeRO 0        4        4                8                           -
     deepspeed bf16/fp16, ZeRO 0   2        2 + 4 (fp32)     12 (fp32 master, m, v)      -
-    deepspeed, ZeRO 1             w        w                (4 + 8) / N                 reduce bucket
-    deepspeed, ZeRO 2             w        w / N            (4 + 8) / N                 reduce bucket
+    deepspeed, ZeRO 1             w        w / N (*)        (4 + 8) / N                 reduce bucket
+    deepspeed, ZeRO 2             w        w / N (*)        (4 + 8) / N                 reduce bucket
 (w = 2 for bf16/fp16, 4 for fp32; ZeRO 1/2 keep an fp32 master partition even for fp32 weights; the ZeRO 1/2
 reduce bucket is DeepSpeed's default reduce_bucket_size, 5e8 elements of w bytes, which msmoe_dist does
-not change (zero_bucket_bytes). SGD keeps one momentum buffer of 4 bytes instead of Adam's 8.)
+not change (zero_bucket_bytes). SGD keeps one momentum buffer of 4 bytes instead of Adam's 8.
+(*) DeepSpeed 0.19 treats ZeRO 1 like ZeRO 2 here (contiguous_gradients, which msmoe_dist sets): gradients
+go through the reduce bucket and each rank keeps only those of its partition, as whole tensors: every
+tensor that reaches into the partition (_partition_grad_elements), a little more than 1/N.)
 
 Activations (bytes saved for backward, from the census of the real model, per micro-batch):
 
@@ -106,12 +109,30 @@ def model_state_bytes(c: Census, s: Setting) -> tuple[int, int, int]:
             if w == 2:
                 return 2 * n, (2 + 4) * n, (4 + moments) * n
             return 4 * n, 4 * n, moments * n
-        grads = w * n / group if s.zero_stage == 2 else w * n
-        return w * n, grads, (4 + moments) * n / group
+        return w * n, w * n / group, (4 + moments) * n / group
 
     d = part(c.dense_params, s.dp)
     e = part(c.expert_params_rank, s.edp)
-    return int(d[0] + e[0]), int(d[1] + e[1]), int(d[2] + e[2]) + steps
+    grads = d[1] + e[1]
+    if s.zero_stage and c.param_groups:
+        grads = w * sum(_partition_grad_elements(numels, s.edp if moe else s.dp) for moe, numels in c.param_groups)
+    return int(d[0] + e[0]), int(grads), int(d[2] + e[2]) + steps
+
+
+def _partition_grad_elements(numels: tuple[int, ...], group: int) -> int:
+    """Gradient elements DeepSpeed ZeRO 1/2 keeps of one parameter group on the rank that keeps most, in a group of
+    `group` ranks: it flattens the parameter group, cuts it into `group` equal partitions, and each rank keeps
+    (averaged_gradients) the whole gradient of every tensor that reaches into its partition
+    (stage_1_and_2.py get_partition_info), not just the slice."""
+    size = max(1, -(-sum(numels) // group))
+    kept: dict[int, int] = {}
+    start = 0
+    for n in numels:
+        if n:
+            for part in range(start // size, (start + n - 1) // size + 1):
+                kept[part] = kept.get(part, 0) + n
+        start += n
+    return max(kept.values(), default=0)
 
 
 def activation_bytes(c: Census, mode: str, imbalance: float = 1.0) -> int:

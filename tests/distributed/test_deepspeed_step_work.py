@@ -1,7 +1,7 @@
 """The planner against real DeepSpeed engines at 2 ranks (EP 2), ZeRO 0, 1 and 2, counted by
 bench/deepspeed_work.py: DeepSpeed's own per-step work (plan/step_time.DEEPSPEED_STEP_WORK, counted with the
-planner's op counter: a DeepSpeed upgrade or an engine change that moves it fails here) and the weights and
-optimiser state the engine holds (plan/memory.model_state_bytes: exact)."""
+planner's op counter: a DeepSpeed upgrade or an engine change that moves it fails here) and the weights,
+gradients and optimiser state the engine holds (plan/memory.model_state_bytes: exact)."""
 
 from __future__ import annotations
 
@@ -41,11 +41,17 @@ def test_counted_deepspeed_work_matches_the_planners_figures(counts):
     assert counts[0][1]["bytes_per_param"] > 2 * counts[0][0]["bytes_per_param"]
 
 
-def test_planned_weights_and_optimiser_state_equal_what_deepspeed_holds(counts):
+def test_planned_weights_gradients_and_optimiser_state_equal_what_deepspeed_holds(counts):
+    """Weights and optimiser state on every rank; the gradients on the rank that keeps most (ZeRO 1/2 keep the
+    whole gradient of every tensor reaching into the rank's partition)."""
     cfg = load_config(QUICKSTART, TINY)
     census = take_census(cfg, 500, ParallelLayout(2, 2), 4)
-    for rank_counts in counts:
-        for got in rank_counts:
-            setting = Setting(2, 2, got["zero_stage"], 4, "none", "fp32", "deepspeed", cfg.optim.name)
-            params, _, optimizer = model_state_bytes(census, setting)
+    for stage in (0, 1, 2):
+        setting = Setting(2, 2, stage, 4, "none", "fp32", "deepspeed", cfg.optim.name)
+        params, grads, optimizer = model_state_bytes(census, setting)
+        ranks = [rank_counts[stage] for rank_counts in counts]
+        for got in ranks:
             assert (params, optimizer) == (got["param_bytes"], got["optimizer_bytes"]), got
+        assert grads == max(got["grad_bytes"] for got in ranks), ranks
+    # ZeRO 1 partitions the gradients here, as ZeRO 2 does (DeepSpeed 0.19 with contiguous_gradients)
+    assert counts[0][1]["grad_bytes"] < counts[0][0]["grad_bytes"]
