@@ -5,9 +5,11 @@ For each rank count R (expert parallel, ep_size = R):
    R ranks gets on this machine);
 2. measure: ``torchrun --nproc_per_node R -m msmoe_dist.cli train`` on the config with ``parallel.ep_size=R``,
    the data replaced by the project's synthetic corpus (``data.kind=synthetic``, vocabulary ``--vocab`` via
-   ``model.vocab_size``), no evaluation, checkpoint or per-expert statistics during the steps; the measured step
-   is msmoe-train's own throughput (``tokens_per_s`` of metrics.jsonl: global tokens per step / rate), the median
-   of the logged windows after the first (which holds start-up and warm-up);
+   ``model.vocab_size``; a V-MoE config, ``model.kind=vit``: its synthetic images, ``data.kind=synthetic_images``,
+   read in the training process, ``vision.num_workers=0``), no evaluation, checkpoint or per-expert statistics
+   during the steps; the measured step is msmoe-train's own throughput (``tokens_per_s`` or ``images_per_s`` of
+   metrics.jsonl: global tokens or images per step / rate), the median of the logged windows after the first
+   (which holds start-up and warm-up);
 3. predict: ``msmoe-plan --gpus R --ep-size R --micro-batch data.batch_size`` with the engine, ZeRO stage and
    checkpointing the run used, on that cluster file, and compare its no-overlap step time (msmoe_dist runs its
    all-to-all blocking unless moe.overlap_chunks > 1).
@@ -34,7 +36,7 @@ class PlanCheckError(UserError):
 
 
 def add_plan_check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training config YAML (a language model)")
+    p.add_argument("--config", required=True, help="training config YAML (a language model or a V-MoE)")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value for the run and the plan")
     p.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts (default 1,2,4)")
     p.add_argument("--vocab", type=int, default=2000, help="vocabulary of the model (default 2000)")
@@ -60,7 +62,7 @@ def _measure(args: argparse.Namespace, out: Path, ranks: int) -> dict:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
         "-m", "msmoe_dist.cli", "train", "--config", args.config, *args.overrides,
-        "data.kind=synthetic", f"data.path={out / 'synthetic'}", f"model.vocab_size={args.vocab}",
+        *_data_overrides(args, out),
         f"parallel.ep_size={ranks}", f"train.run_dir={run_dir}", "train.overwrite=true",
         f"train.max_steps={args.steps}", "train.eval_every=0", "checkpoint.every_steps=0",
         f"logging.log_every={args.log_every}", "logging.moe_stats=false", "logging.tensorboard=false",
@@ -72,17 +74,36 @@ def _measure(args: argparse.Namespace, out: Path, ranks: int) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise PlanCheckError(f"the {ranks}-rank run failed: {' | '.join(tail)}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
     cfg = _load(args, ranks)
-    tokens = ranks * cfg["batch_size"] * cfg["seq_len"] * cfg["grad_accum"]
-    return {"step_s": tokens / statistics.median(rates), "windows": len(rates), "run_dir": str(run_dir)}
+    key = "images_per_s" if cfg["vit"] else "tokens_per_s"
+    rates = [r[key] for r in rows if key in r][1:]
+    units = ranks * cfg["batch_size"] * (1 if cfg["vit"] else cfg["seq_len"]) * cfg["grad_accum"]
+    return {"step_s": units / statistics.median(rates), "windows": len(rates), "run_dir": str(run_dir)}
+
+
+def _is_vit(args: argparse.Namespace) -> bool:
+    from msmoe_dist.config.loader import load_config
+
+    return load_config(args.config, args.overrides).model.kind == "vit"
+
+
+def _data_overrides(args: argparse.Namespace, out: Path) -> list[str]:
+    """The run's data (and the plan's vocabulary): generated here, never downloaded."""
+    if _is_vit(args):
+        return ["data.kind=synthetic_images", f"data.path={out / 'synthetic_images'}"]
+    return ["data.kind=synthetic", f"data.path={out / 'synthetic'}", f"model.vocab_size={args.vocab}"]
+
+
+def _vocab_overrides(args: argparse.Namespace) -> list[str]:
+    return [] if _is_vit(args) else [f"model.vocab_size={args.vocab}"]
 
 
 def _load(args: argparse.Namespace, ranks: int) -> dict:
     from msmoe_dist.config.loader import load_config
 
-    cfg = load_config(args.config, [*args.overrides, f"parallel.ep_size={ranks}", f"model.vocab_size={args.vocab}"])
+    cfg = load_config(args.config, [*args.overrides, f"parallel.ep_size={ranks}", *_vocab_overrides(args)])
     return {
+        "vit": cfg.model.kind == "vit",
         "batch_size": cfg.data.batch_size,
         "seq_len": cfg.data.seq_len,
         "grad_accum": cfg.train.grad_accum_steps,
@@ -95,7 +116,7 @@ def _predict(args: argparse.Namespace, cluster: Path, ranks: int) -> dict:
     cfg = _load(args, ranks)
     cmd = [
         sys.executable, "-m", "msmoe_dist.plan.cli", "--config", args.config, *args.overrides,
-        f"model.vocab_size={args.vocab}", "--gpus", str(ranks), "--ep-size", str(ranks), "--cluster", str(cluster),
+        *_vocab_overrides(args), "--gpus", str(ranks), "--ep-size", str(ranks), "--cluster", str(cluster),
         "--micro-batch", str(cfg["batch_size"]), "--checkpointing", cfg["checkpointing"], "--json",
     ]  # fmt: skip
     if ranks > 1:

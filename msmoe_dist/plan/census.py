@@ -412,7 +412,7 @@ def build_census_model(
         model: Any = build_model(cfg.model, cfg.moe, cfg.momentum, cfg.vision, vocab)
     finally:
         torch.set_default_dtype(previous)
-    tokens = micro_batch * cfg.data.seq_len
+    tokens = micro_batch * (vit_tokens(cfg) if cfg.model.kind == "vit" else cfg.data.seq_len)
     rows = census_rows_per_expert(cfg, tokens, layout)
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         layer.experts.keep_experts(layout.local_experts(0, cfg.moe.num_experts))

@@ -105,6 +105,18 @@ def test_census_is_linear_in_the_micro_batch():
     assert lerp(total_gemm[0], total_gemm[1]) == total_gemm[2]
 
 
+@pytest.mark.parametrize(
+    "path, vocab", [(QUICKSTART, 200), ("configs/imagenet/tiny_synthetic.yaml", 10)]  # an LM and a V-MoE
+)
+def test_the_experts_run_the_routed_rows(path, vocab):
+    """Expert FLOPs = the routed rows' two matmuls, forward and twice in backward: 12 rows D F per MoE layer.
+    (The V-MoE's experts once ran data.seq_len tokens per image instead of its patches: 7.5x too many here.)"""
+    cfg = load_config(path, [])
+    c = take_census(cfg, vocab, ParallelLayout(1, 1), 4)
+    assert c.routed_rows == 4 * c.seq_len * cfg.moe.top_k
+    assert c.flops["expert"] == 12 * c.routed_rows * cfg.model.d_model * cfg.moe.expert_ffn_dim * c.num_moe_layers
+
+
 def test_capacity_rows_are_the_padded_all_to_all_under_ep():
     cfg = load_config(QUICKSTART, ["moe.capacity_factor=1.25", "model.num_layers=1"])
     c = take_census(cfg, 200, ParallelLayout(4, 4), 2)

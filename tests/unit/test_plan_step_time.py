@@ -126,11 +126,20 @@ def test_deepspeed_adds_its_own_step_work_by_hand(stage):
         assert ds.optimizer - optimizer_seconds(c.work, held, cluster) == pytest.approx(expected)
 
 
-def test_plan_check_runs_the_real_trainer_and_the_planner(cli, tmp_path):
-    """One rank, a one-layer quickstart: the calibration file, the run's metrics and a prediction all exist."""
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        (QUICKSTART, ["model.num_layers=1"]),
+        # a V-MoE: its synthetic images, images/s (a test that the census runs its patches, not data.seq_len:
+        # test_plan.py test_the_experts_run_the_routed_rows)
+        ("configs/imagenet/tiny_synthetic.yaml", ["model.num_layers=2", "vision.synthetic_train_per_class=8"]),
+    ],
+)
+def test_plan_check_runs_the_real_trainer_and_the_planner(cli, tmp_path, config, overrides):
+    """One rank, a small model: the calibration file, the run's metrics and a prediction all exist."""
     out = tmp_path / "check"
     res = cli(
-        "bench", "plan-check", "--config", QUICKSTART, "model.num_layers=1", "--ranks", "1",
+        "bench", "plan-check", "--config", config, *overrides, "--ranks", "1",
         "--steps", "6", "--log-every", "2", "--out", str(out), "--json", timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
