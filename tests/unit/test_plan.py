@@ -106,7 +106,8 @@ def test_census_is_linear_in_the_micro_batch():
 
 
 @pytest.mark.parametrize(
-    "path, vocab", [(QUICKSTART, 200), ("configs/imagenet/tiny_synthetic.yaml", 10)]  # an LM and a V-MoE
+    "path, vocab",
+    [(QUICKSTART, 200), ("configs/imagenet/tiny_synthetic.yaml", 10)],  # an LM and a V-MoE
 )
 def test_the_experts_run_the_routed_rows(path, vocab):
     """Expert FLOPs = the routed rows' two matmuls, forward and twice in backward: 12 rows D F per MoE layer.
