@@ -33,6 +33,7 @@ def count_step_work(config: str, zero_stage: int, overrides: list[str], run_dir:
     from msmoe_dist.moe import is_expert_param
     from msmoe_dist.parallel.runtime import Runtime
     from msmoe_dist.plan.census import _OpCounter
+    from msmoe_dist.train.ds_engine import DeepSpeedEngine
     from msmoe_dist.train.engine import objective
     from msmoe_dist.train.tasks import make_task
     from msmoe_dist.train.trainer import build_engine, build_initial_model, local_expert_ids
@@ -59,6 +60,7 @@ def count_step_work(config: str, zero_stage: int, overrides: list[str], run_dir:
     task.start(0, rt.rank, world)
     micro, _ = task.micro_batches(0)
     engine = build_engine(cfg, "deepspeed", rt, build_initial_model(cfg, task, local_expert_ids(cfg, "deepspeed", rt)))
+    assert isinstance(engine, DeepSpeedEngine)
     for _ in range(2):  # the first step allocates the optimiser state
         engine.train_step(micro, False)
 
