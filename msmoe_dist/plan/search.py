@@ -85,6 +85,8 @@ class CensusCache:
             c,
             local_experts=local,
             expert_params_rank=c.expert_params_total * local // E,
+            # each stacked expert tensor keeps its local experts' rows
+            param_groups=tuple((moe, tuple(n * local // E for n in ns) if moe else ns) for moe, ns in c.param_groups),
             ops=ops,
             expert_ops=c.expert_ops * local // E,
         )
