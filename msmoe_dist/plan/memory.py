@@ -15,7 +15,9 @@ reduce bucket is DeepSpeed's default reduce_bucket_size, 5e8 elements of w bytes
 not change (zero_bucket_bytes). SGD keeps one momentum buffer of 4 bytes instead of Adam's 8.
 (*) DeepSpeed 0.19 treats ZeRO 1 like ZeRO 2 here (contiguous_gradients, which msmoe_dist sets): gradients
 go through the reduce bucket and each rank keeps only those of its partition, as whole tensors: every
-tensor that reaches into the partition (_partition_grad_elements), a little more than 1/N.)
+tensor that reaches into the partition (_partition_grad_elements). At least 1/N; a tensor spanning several
+partitions is kept whole by each of them, so at a large N the biggest tensors (embedding, output layer, a
+layer's stacked experts) set it.)
 
 Activations (bytes saved for backward, from the census of the real model, per micro-batch):
 
