@@ -6,7 +6,8 @@ For each rank count R (expert parallel, ep_size = R):
 2. measure: ``torchrun --nproc_per_node R -m msmoe_dist.cli train`` on the config with ``parallel.ep_size=R``,
    the data replaced by the project's synthetic corpus (``data.kind=synthetic``, vocabulary ``--vocab`` via
    ``model.vocab_size``; a V-MoE config, ``model.kind=vit``: its synthetic images, ``data.kind=synthetic_images``,
-   read in the training process, ``vision.num_workers=0``), no evaluation, checkpoint or per-expert statistics
+   decoded by the config's ``vision.num_workers`` loader workers, which share the machine's cores with the ranks
+   and are not in the plan), no evaluation, checkpoint or per-expert statistics
    during the steps; the measured step is msmoe-train's own throughput (``tokens_per_s`` or ``images_per_s`` of
    metrics.jsonl: global tokens or images per step / rate), the median of the logged windows after the first
    (which holds start-up and warm-up);
@@ -39,7 +40,7 @@ def add_plan_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training config YAML (a language model or a V-MoE)")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value for the run and the plan")
     p.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts (default 1,2,4)")
-    p.add_argument("--vocab", type=int, default=2000, help="vocabulary of the model (default 2000)")
+    p.add_argument("--vocab", type=int, default=2000, help="vocabulary of a language model (default 2000)")
     p.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
     p.add_argument("--log-every", type=int, default=5, help="steps per measured window (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
