@@ -35,8 +35,17 @@ from torch.utils.checkpoint import checkpoint
 
 from msmoe_dist.config.schema import ModelConfig, MoEConfig
 from msmoe_dist.models.attention import SelfAttention
-from msmoe_dist.moe import ACTIVATIONS, MoELayer
+from msmoe_dist.moe import ACTIVATIONS, MoELayer, MoEOutput
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
+
+
+def layer_stats(moe_out: MoEOutput, state: MomentumState) -> dict:
+    """What an MoE block reports when asked (collect_stats): its routing statistics and, with momentum, the mean
+    norm of the momentum buffer (a 0-d tensor: read on the host only when the trainer logs it)."""
+    stats = {"moe": moe_out.stats}
+    if state.p is not None:
+        stats["momentum_norm"] = state.p.detach().float().norm(dim=-1).mean()
+    return stats
 
 
 class DenseFFN(nn.Module):
@@ -166,12 +175,7 @@ class Block(nn.Module):
             x = self.norm2(x + self.moe_norm(d))
         else:
             x = self.norm2(x + self.moe_norm(x + d))
-        stats = None
-        if collect_stats:
-            stats = {"moe": moe_out.stats}
-            if state.p is not None:  # a 0-d tensor: read on the host only when the trainer logs it
-                stats["momentum_norm"] = state.p.detach().float().norm(dim=-1).mean()
-        return x, state, moe_out.aux_loss, stats
+        return x, state, moe_out.aux_loss, layer_stats(moe_out, state) if collect_stats else None
 
     def _ffn_input(self, x: Tensor, state: MomentumState, momentum: MomentumUpdate) -> Tensor:
         """pre_ln: what the FFN/MoE sees, LN(x + lam*p) or, with momentum.lookahead=normed, LN(x) + lam*p."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from msmoe_dist.config.schema import ModelConfig, MoEConfig
+from msmoe_dist.models.blocks import layer_stats
 from msmoe_dist.moe import MoELayer
 from msmoe_dist.momentum import MomentumState, MomentumUpdate
 
@@ -70,9 +71,4 @@ class InsertedMoELayer(nn.Module):
             router_input=y if self.router_sees_residual else None,
         )
         d, state = momentum(self.drop(moe_out.out), state, self.moe_layer_index)
-        stats = None
-        if collect_stats:
-            stats = {"moe": moe_out.stats}
-            if state.p is not None:
-                stats["momentum_norm"] = state.p.detach().float().norm(dim=-1).mean()
-        return x + d, state, moe_out.aux_loss, stats
+        return x + d, state, moe_out.aux_loss, layer_stats(moe_out, state) if collect_stats else None

@@ -72,7 +72,7 @@ def test_vmoe_router_losses_in_training_and_eval():
     assert torch.allclose(eval_r.balance_loss, importance_loss(clean))
     assert torch.allclose(eval_r.aux_loss, 0.5 * importance_loss(clean))
     # Training: importance on the clean softmax plus a positive load loss.
-    assert float(train_r.balance_loss.detach()) > float(importance_loss(clean))
+    assert float(train_r.balance_loss.detach()) > float(importance_loss(clean).detach())
 
 
 def test_eval_capacity_factor_applies_in_eval_only():
@@ -106,7 +106,7 @@ def test_vit_shapes_loss_and_backward():
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3])
     out = model(x, y, collect_stats=True)
     assert out.logits.shape == (3, 10) and len(out.stats) == 2
-    assert math.isclose(float(out.loss), math.log(10), rel_tol=1e-5)  # zero-initialised head
+    assert math.isclose(out.loss.item(), math.log(10), rel_tol=1e-5)  # zero-initialised head
     out.loss.backward()
     assert model.patch_proj.weight.grad is not None
     with pytest.raises(ValueError, match="vision.image_size"):
