@@ -13,7 +13,7 @@ SCALE_GPUS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def add_plan_scale_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training config YAML (a language model)")
+    p.add_argument("--config", required=True, help="training config YAML (a language model or a V-MoE)")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     p.add_argument("--cluster", default="h100-ib400", help="preset or cluster YAML (default h100-ib400)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: from the config or data)")

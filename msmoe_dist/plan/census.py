@@ -478,8 +478,7 @@ def optimizer_work(cfg: Config, model: Any) -> dict[str, int]:
     ``train.optim.build_optimizer`` runs on real stand-ins: one tensor of PROXY_NUMEL elements per parameter,
     in the same groups (decay or not). Its calls are those of the real step (they go per tensor); its bytes per
     element, times the model's parameters, are the real step's bytes. The second step is counted (the first
-    allocates the state). Keys: optim.calls, optim.bytes, optim.params (the parameters those bytes are for),
-    optim.groups (the non-empty parameter groups)."""
+    allocates the state). Keys: optim.calls, optim.bytes, optim.params (the parameters those bytes are for)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from msmoe_dist.train.optim import build_optimizer, param_groups
@@ -499,12 +498,7 @@ def optimizer_work(cfg: Config, model: Any) -> dict[str, int]:
                     torch.nn.utils.clip_grad_norm_(flat, cfg.optim.grad_clip)
                 opt.step()
     bytes_per_element = counter.work.get("other.bytes", 0) / max(len(flat) * PROXY_NUMEL, 1)
-    return {
-        "optim.calls": counter.calls,
-        "optim.bytes": round(bytes_per_element * numel),
-        "optim.params": numel,
-        "optim.groups": sum(1 for g in groups if g["params"]),  # DeepSpeed ZeRO 1/2 flattens each into one tensor
-    }
+    return {"optim.calls": counter.calls, "optim.bytes": round(bytes_per_element * numel), "optim.params": numel}
 
 
 def take_census(

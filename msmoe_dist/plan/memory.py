@@ -103,8 +103,9 @@ def model_state_bytes(c: Census, s: Setting) -> tuple[int, int, int]:
         step = 0 if s.optimizer == "sgd" else 4 * tensors  # torch Adam's 0-d float32 step per parameter tensor
         return 4 * P, 4 * P, moments * P + step
     w = weight_bytes(s)
-    # Adam's 0-d float32 step count: one per tensor it steps (ZeRO 0: each parameter; ZeRO 1/2: each flat group)
-    steps = 0 if s.optimizer == "sgd" else 4 * (tensors if s.zero_stage == 0 else c.work.get("optim.groups", 0))
+    # Adam's 0-d float32 step count: one per tensor it steps (ZeRO 0: each parameter; ZeRO 1/2: each parameter
+    # group, which DeepSpeed flattens into one tensor)
+    steps = 0 if s.optimizer == "sgd" else 4 * (tensors if s.zero_stage == 0 else len(c.param_groups))
 
     def part(n: int, group: int) -> tuple[float, float, float]:
         if s.zero_stage == 0:
