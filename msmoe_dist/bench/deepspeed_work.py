@@ -22,7 +22,10 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
+
+from msmoe_dist.errors import UserError
 
 
 def count_step_work(config: str, zero_stage: int, overrides: list[str], run_dir: str) -> dict:
@@ -108,11 +111,6 @@ def count_step_work(config: str, zero_stage: int, overrides: list[str], run_dir:
     adam_work = count(adam)
     inner = getattr(zero, "optimizer", zero)
     state = [t for st in inner.state.values() for t in st.values()]
-    held_state = {
-        "param_bytes": _storage_bytes(params),
-        "optimizer_bytes": _storage_bytes(state + list(getattr(zero, "single_partition_of_fp32_groups", []))),
-    }
-    held_state["grad_bytes"] = grad_bytes
     extra_bytes = step[0] - fwd_bwd[0] - adam_work[0]
     extra_calls = step[1] - fwd_bwd[1] - adam_work[1]
     return {
@@ -125,7 +123,9 @@ def count_step_work(config: str, zero_stage: int, overrides: list[str], run_dir:
         "extra_calls": extra_calls,
         "bytes_per_param": extra_bytes / (dense + expert),
         "calls_per_tensor": extra_calls / len(params),
-        **held_state,
+        "param_bytes": _storage_bytes(params),
+        "optimizer_bytes": _storage_bytes(state + list(getattr(zero, "single_partition_of_fp32_groups", []))),
+        "grad_bytes": grad_bytes,
     }
 
 
@@ -146,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=1)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = count_step_work(args.config, args.zero_stage, args.overrides, tmp)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = count_step_work(args.config, args.zero_stage, args.overrides, tmp)
+    except UserError as exc:  # a bad config or override: one line, exit 2
+        print(f"deepspeed_work: {exc}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result))
     return 0

@@ -54,3 +54,18 @@ def test_planned_weights_gradients_and_optimiser_state_equal_what_deepspeed_hold
         assert grads == max(got["grad_bytes"] for got in ranks), ranks
     # ZeRO 1 partitions the gradients here, as ZeRO 2 does (DeepSpeed 0.19 with contiguous_gradients)
     assert counts[0][1]["grad_bytes"] < counts[0][0]["grad_bytes"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--config", "no/such.yaml"], "config file not found"),
+        (["--config", QUICKSTART, "moe.top_k=banana"], "moe.top_k"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(capsys, argv, needle):
+    from msmoe_dist.bench.deepspeed_work import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
